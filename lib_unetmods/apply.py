@@ -1,0 +1,112 @@
+"""Apply the enabled techniques to a UNet for one sampling pass, and take them off again."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .clock import StepClock
+from .composition import resolve_conflicts
+from .forward import ForwardHooks, Refused, UNetCall, foreign_forward, install_forward
+from .patcher import Patcher, restore_model
+from .settings import Settings
+from .techniques import SPECS, TECHNIQUES
+from .unet_map import UNetMap, UnsupportedModel, map_unet
+
+
+@dataclass
+class ApplyContext:
+    """What a technique's apply() gets: the map, the patcher, the clock and a place for messages."""
+
+    map: UNetMap
+    patcher: Patcher
+    clock: StepClock
+    seed: int = 0  # image seed: techniques with randomness seed private generators from it
+    latent_shape: tuple[int, ...] | None = None
+    messages: list[str] = field(default_factory=list)
+    technique: str = ""
+    _hooks: ForwardHooks | None = None
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.map.unet
+
+    @property
+    def hires(self) -> bool:
+        return self.clock.hires
+
+    def warn(self, message: str) -> None:
+        self.messages.append(f"{SPECS[self.technique].title}: {message}")
+
+    def forward_hooks(self) -> ForwardHooks:
+        """The hooked UNet forward, installed on first use; raises Refused where it cannot be."""
+        if self._hooks is None:
+            self._hooks = install_forward(self.unet, self.patcher, self.clock)
+        return self._hooks
+
+    def hook(self, point: str, fn: Callable[..., Any]) -> None:
+        self.forward_hooks().add(point, fn, self.patcher, self.technique)
+
+    def before_concat(self, fn: Callable[[int, torch.Tensor, torch.Tensor, UNetCall | None], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """before_concat through the hooked forward, or, when another extension owns the forward,
+        through pre-hooks on the output blocks, whose input is cat([h, skip]) (h channels first)."""
+        if foreign_forward(self.unet) is None:
+            self.hook("before_concat", fn)
+            return
+        self.warn("another extension owns the UNet forward; using output-block hooks")
+        for i, block in enumerate(self.unet.output_blocks):
+            self.patcher.add_handle(block.register_forward_pre_hook(self._split_concat(i, fn)), self.technique)
+
+    def _split_concat(self, i: int, fn: Callable[..., Any]) -> Callable[..., Any]:
+        h_channels = self.map.h_channels[i]
+
+        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            h, skip = fn(i, args[0][:, :h_channels], args[0][:, h_channels:], None)
+            return (torch.cat([h, skip], dim=1), *args[1:])
+
+        return pre_hook
+
+
+@dataclass
+class Applied:
+    """The result of apply_mods: the patcher holding every change, and messages for the user."""
+
+    patcher: Patcher | None
+    messages: list[str]
+    applied: list[str] = field(default_factory=list)  # technique ids that are installed
+
+    def restore(self) -> None:
+        if self.patcher is not None:
+            self.patcher.restore()
+
+
+def apply_mods(unet: nn.Module, settings: Settings, clock: StepClock, *, seed: int = 0,
+               latent_shape: tuple[int, ...] | None = None) -> Applied:
+    """Install the enabled techniques for one sampling pass. Call clock.start() for the pass
+    first. With nothing enabled, nothing at all is installed on the model."""
+    messages = [f"removed a leftover patch from an earlier run"] if restore_model(unet) else []
+    if not settings.enabled_ids():
+        return Applied(None, messages)
+    try:
+        umap = map_unet(unet)
+    except UnsupportedModel as e:
+        return Applied(None, messages + [f"UNet Mods skipped: {e}"])
+    settings, notes = resolve_conflicts(settings, umap)
+    messages += notes
+    patcher = Patcher(unet)
+    ctx = ApplyContext(umap, patcher, clock, seed=seed, latent_shape=latent_shape, messages=messages)
+    applied = []
+    for technique in TECHNIQUES:
+        tid = technique.SPEC.id
+        if not settings[tid]["enabled"]:
+            continue
+        ctx.technique = tid
+        try:
+            with patcher.transaction():
+                technique.apply(ctx, settings[tid])
+            applied.append(tid)
+        except Refused as e:
+            ctx.messages.append(f"{technique.SPEC.title} skipped: {e}")
+    return Applied(patcher if patcher.active else None, ctx.messages, applied)

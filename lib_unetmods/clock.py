@@ -1,0 +1,57 @@
+"""The step clock: which sampler step the current UNet call belongs to.
+
+It counts sampler steps, not UNet calls: second-order samplers and split cond/uncond batches
+call the UNet several times per step, and every window of every technique is written in steps.
+The host advances it (the WebUI script from the sampler's per-step callback, the benchmark from
+its own loop); the patched forward only counts the calls inside the step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class StepClock:
+    total_steps: int = 1
+    step: int = 0
+    hires: bool = False  # True in the hires-fix second pass
+    sigma: float | None = None
+    calls_in_step: int = 0  # UNet calls seen so far in this step
+    cond_rows: int | None = None  # batch layout of the current call: cond rows first,
+    uncond_rows: int | None = None  # then uncond rows (A1111's layout); None = unknown
+    passes: int = 0  # sampling passes started on this clock (first pass, hires pass, ...)
+
+    def start(self, total_steps: int, hires: bool = False) -> None:
+        """A new sampling pass: every technique's window starts again from step 0."""
+        self.total_steps = max(int(total_steps), 1)
+        self.step = 0
+        self.hires = hires
+        self.sigma = None
+        self.calls_in_step = 0
+        self.passes += 1
+
+    def begin_step(self, step: int, sigma: float | None = None) -> None:
+        if step != self.step:
+            self.calls_in_step = 0
+        self.step = step
+        if sigma is not None:
+            self.sigma = float(sigma)
+
+    def end_step(self) -> None:
+        self.begin_step(self.step + 1)
+
+    def set_layout(self, cond_rows: int | None, uncond_rows: int | None) -> None:
+        self.cond_rows, self.uncond_rows = cond_rows, uncond_rows
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the pass done before this step: 0 at the first step, (N-1)/N at the last."""
+        return min(self.step / self.total_steps, 1.0)
+
+    def step_of(self, ratio: float) -> int:
+        """A ratio of the steps as a step index, truncated (ljleb FreeU, HiDiffusion's int(T*N))."""
+        return int(ratio * self.total_steps)
+
+    def in_window(self, start: float, end: float) -> bool:
+        """start <= step < end, both given as ratios of the pass's steps and truncated to steps."""
+        return self.step_of(start) <= self.step and (end >= 1.0 or self.step < self.step_of(end))

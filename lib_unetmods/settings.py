@@ -1,0 +1,121 @@
+"""Settings of all techniques: validation and the one canonical text form.
+
+The same text is used in the infotext (one key per technique), by the API and by the
+benchmark's --mods option. A bad value never raises here: it is reported in `errors` and the
+parameter keeps its default, so one typo cannot lose the user's other settings.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable, Mapping
+
+from .params import ParamError, TechniqueSpec
+from .techniques import SPECS
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def arg_layout() -> list[tuple[str, str]]:
+    """(technique id, parameter name) for every positional script argument, in UI order."""
+    return [(spec.id, p.name) for spec in SPECS.values() for p in spec.params]
+
+
+class Settings:
+    def __init__(self, values: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        self.values: dict[str, dict[str, Any]] = {tid: spec.defaults() for tid, spec in SPECS.items()}
+        for tid, vals in (values or {}).items():
+            self.values[tid].update(vals)
+        self.errors: list[str] = []
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Settings) and self.values == other.values
+
+    def __repr__(self) -> str:
+        return f"Settings({self.to_text()!r})"
+
+    def copy(self) -> "Settings":
+        out = Settings(copy.deepcopy(self.values))
+        out.errors = list(self.errors)
+        return out
+
+    def enabled_ids(self) -> list[str]:
+        return [tid for tid, vals in self.values.items() if vals["enabled"]]
+
+    def __getitem__(self, tid: str) -> dict[str, Any]:
+        return self.values[tid]
+
+    # --- API dict: {technique: {param: value}} -------------------------------------------
+    def update_from_dict(self, data: Mapping[str, Any]) -> "Settings":
+        """A technique named in `data` is switched on unless its dict says enabled=false."""
+        if not isinstance(data, Mapping):
+            self.errors.append(f"expected a dict {{technique: {{param: value}}}}, got {type(data).__name__}")
+            return self
+        for tid, changes in data.items():
+            spec = SPECS.get(tid)
+            if spec is None:
+                self.errors.append(f"unknown technique {tid!r} (known: {', '.join(SPECS)})")
+                continue
+            if not isinstance(changes, Mapping):
+                self.errors.append(f"{tid}: expected a dict of parameters, got {changes!r}")
+                continue
+            changes = dict(changes)
+            changes.setdefault("enabled", True)
+            spec.update(self.values[tid], changes, self.errors)
+        return self
+
+    # --- positional script args (what the UI sends) -------------------------------------
+    @classmethod
+    def from_args(cls, args: Iterable[Any]) -> "Settings":
+        args = list(args)
+        settings = cls()
+        if args and isinstance(args[0], Mapping):  # API: one dict instead of positional values
+            return settings.update_from_dict(args[0])
+        for (tid, name), raw in zip(arg_layout(), args):
+            spec = SPECS[tid]
+            try:
+                settings.values[tid][name] = spec.param(name).coerce(raw, f"{tid}.{name}")
+            except ParamError as e:
+                settings.errors.append(str(e))
+        return settings
+
+    def to_args(self) -> list[Any]:
+        return [self.values[tid][name] for tid, name in arg_layout()]
+
+    # --- canonical text: "freeu b1=1.5 s1=0.9; tome ratio=0.5" --------------------------
+    def to_text(self) -> str:
+        return "; ".join(f"{tid} {SPECS[tid].to_text(self.values[tid])}" for tid in self.enabled_ids())
+
+    @classmethod
+    def from_text(cls, text: str, strict: bool = False) -> "Settings":
+        settings = cls()
+        for part in filter(None, (s.strip() for s in text.split(";"))):
+            tid, _, rest = part.partition(" ")
+            spec = SPECS.get(tid)
+            if spec is None:
+                settings.errors.append(f"unknown technique {tid!r} (known: {', '.join(SPECS)})")
+                continue
+            settings.values[tid] = spec.from_text(rest, settings.errors)
+        if strict and settings.errors:
+            raise SettingsError("; ".join(settings.errors))
+        return settings
+
+    # --- infotext ----------------------------------------------------------------------
+    def infotext(self) -> dict[str, str]:
+        """One namespaced, versioned key per enabled technique."""
+        return {SPECS[tid].infotext_key: SPECS[tid].to_text(self.values[tid]) for tid in self.enabled_ids()}
+
+    @classmethod
+    def from_infotext(cls, params: Mapping[str, Any]) -> "Settings":
+        """Techniques without a key in `params` are off."""
+        settings = cls()
+        for tid, spec in SPECS.items():
+            text = params.get(spec.infotext_key)
+            if text is not None:
+                settings.values[tid] = spec.from_text(str(text), settings.errors)
+        return settings
+
+
+def spec_of(tid: str) -> TechniqueSpec:
+    return SPECS[tid]

@@ -1,0 +1,9 @@
+"""The technique registry. The order is the UI order and the order in which hooks run."""
+from __future__ import annotations
+
+from types import ModuleType
+
+from . import freeu
+
+TECHNIQUES: tuple[ModuleType, ...] = (freeu,)
+SPECS = {module.SPEC.id: module.SPEC for module in TECHNIQUES}

@@ -1,0 +1,137 @@
+"""The hooked forward and the patcher: bit-identity, pass-through, exact restore, no stacking."""
+import types
+
+import pytest
+import torch
+
+import ldm.modules.diffusionmodules.openaimodel as openaimodel
+from lib_unetmods import Settings, StepClock, apply_mods, restore_model
+from lib_unetmods.apply import ApplyContext
+from lib_unetmods.forward import Refused, install_forward
+from lib_unetmods.patcher import ACTIVE, MARKER, Patcher, restore_all
+from lib_unetmods.unet_map import map_unet
+from model_state import assert_restored, snapshot
+
+FREEU_ON = "freeu version=v1 b1=1.2 s1=0.8"
+
+
+def test_hooked_forward_without_hooks_is_bit_identical(tiny_unet, make_inputs):
+    inputs = make_inputs(tiny_unet, batch=3, height=24, width=40)
+    expected = tiny_unet(**inputs)
+    before = snapshot(tiny_unet)
+    patcher = Patcher(tiny_unet)
+    install_forward(tiny_unet, patcher, StepClock())
+    assert "forward" in tiny_unet.__dict__
+    assert torch.equal(tiny_unet(**inputs, some_unknown_kwarg=1), expected)
+    patcher.restore()
+    assert_restored(tiny_unet, before)
+
+
+def test_everything_off_installs_nothing(tiny_unet, make_inputs):
+    before = snapshot(tiny_unet)
+    applied = apply_mods(tiny_unet, Settings(), StepClock())
+    assert applied.patcher is None and applied.messages == []
+    assert_restored(tiny_unet, before)
+    assert MARKER not in tiny_unet.__dict__
+
+
+def test_forward_uses_the_host_cat(make_unet, make_inputs, monkeypatch):
+    """A1111 replaces openaimodel.th with its size-fixing cat: the hooked forward must use it."""
+    unet = make_unet("sd15")
+    calls = []
+
+    class HostTorch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        def cat(self, tensors, dim=0):
+            calls.append(dim)
+            return torch.cat(tensors, dim=dim)
+
+    monkeypatch.setattr(openaimodel, "th", HostTorch())
+    applied = apply_mods(unet, Settings.from_text(FREEU_ON), StepClock())
+    unet(**make_inputs(unet, batch=1, height=16, width=16))
+    applied.restore()
+    assert calls == [1] * len(unet.output_blocks)
+
+
+def test_apply_twice_does_not_stack_and_leftover_is_removed(make_unet, make_inputs):
+    unet = make_unet("sd15")
+    inputs = make_inputs(unet, batch=2, height=16, width=24)
+    before = snapshot(unet)
+    clock = StepClock()
+    first = apply_mods(unet, Settings.from_text(FREEU_ON), clock)
+    once = unet(**inputs)
+    second = apply_mods(unet, Settings.from_text(FREEU_ON), clock)  # e.g. Forge's second hires call
+    assert "leftover" in second.messages[0]
+    assert not first.patcher.active
+    assert torch.equal(unet(**inputs), once)
+    assert len(second.patcher) == len(first.patcher) or len(second.patcher) > 0
+    restore_model(unet)
+    restore_model(unet)  # idempotent
+    assert_restored(unet, before)
+    assert id(unet) not in ACTIVE
+
+
+def test_restore_all_and_model_identity(make_unet):
+    a, b = make_unet("sd15"), make_unet("sdxl")
+    snaps = snapshot(a), snapshot(b)
+    apply_mods(a, Settings.from_text(FREEU_ON), StepClock())
+    apply_mods(b, Settings.from_text(FREEU_ON), StepClock())
+    assert id(a) in ACTIVE and id(b) in ACTIVE
+    assert restore_all() == 2
+    assert_restored(a, snaps[0])
+    assert_restored(b, snaps[1])
+
+
+def test_transaction_rolls_back_a_failing_technique(make_unet):
+    unet = make_unet("sd15")
+    before = snapshot(unet)
+    patcher = Patcher(unet)
+    with pytest.raises(RuntimeError):
+        with patcher.transaction():
+            install_forward(unet, patcher, StepClock())
+            patcher.set_attr(unet.out[2], "padding", (2, 2))
+            raise RuntimeError("boom")
+    assert not patcher.active
+    assert_restored(unet, before)
+
+
+def test_foreign_forward_is_detected_and_freeu_falls_back_to_block_hooks(make_unet, make_inputs):
+    unet = make_unet("sd15")
+    inputs = make_inputs(unet, batch=2, height=16, width=16)
+    clock = StepClock()
+    applied = apply_mods(unet, Settings.from_text(FREEU_ON), clock)
+    expected = unet(**inputs)
+    applied.restore()
+
+    class_forward = type(unet).forward
+    unet.forward = types.MethodType(lambda self, *a, **k: class_forward(self, *a, **k), unet)  # e.g. ControlNet
+    with pytest.raises(Refused):
+        install_forward(unet, Patcher(unet), clock)
+    applied = apply_mods(unet, Settings.from_text(FREEU_ON), clock)
+    assert any("another extension" in m for m in applied.messages)
+    assert torch.allclose(unet(**inputs), expected, rtol=1e-5, atol=1e-6)
+    applied.restore()
+    assert not any(block._forward_pre_hooks for block in unet.output_blocks)
+
+
+def test_unsupported_model_is_skipped_with_a_message():
+    applied = apply_mods(torch.nn.Linear(2, 2), Settings.from_text(FREEU_ON), StepClock())
+    assert applied.patcher is None and "not a UNet" in applied.messages[0]
+
+
+def test_map_families(make_unet):
+    assert map_unet(make_unet("sd15")).family == "sd1"
+    assert map_unet(make_unet("sd21")).family == "sd2"
+    sdxl = map_unet(make_unet("sdxl"))
+    assert sdxl.family == "sdxl"
+    assert not any(a.level == 0 for a in sdxl.attention)
+    assert [sdxl.skip_index(i) for i in range(9)] == list(range(8, -1, -1))
+
+
+def test_apply_context_messages_name_the_technique(make_unet):
+    unet = make_unet("sd15")
+    ctx = ApplyContext(map_unet(unet), Patcher(unet), StepClock(), technique="freeu")
+    ctx.warn("hello")
+    assert ctx.messages == ["FreeU: hello"]
