@@ -25,6 +25,7 @@ class ApplyContext:
     clock: StepClock
     seed: int = 0  # image seed: techniques with randomness seed private generators from it
     latent_shape: tuple[int, ...] | None = None
+    vae: nn.Module | None = None  # the first-stage model, for techniques that touch the decoder
     messages: list[str] = field(default_factory=list)
     technique: str = ""
     _hooks: ForwardHooks | None = None
@@ -83,7 +84,7 @@ class Applied:
 
 
 def apply_mods(unet: nn.Module, settings: Settings, clock: StepClock, *, seed: int = 0,
-               latent_shape: tuple[int, ...] | None = None) -> Applied:
+               latent_shape: tuple[int, ...] | None = None, vae: nn.Module | None = None) -> Applied:
     """Install the enabled techniques for one sampling pass. Call clock.start() for the pass
     first. With nothing enabled, nothing at all is installed on the model."""
     messages = [f"removed a leftover patch from an earlier run"] if restore_model(unet) else []
@@ -96,7 +97,7 @@ def apply_mods(unet: nn.Module, settings: Settings, clock: StepClock, *, seed: i
     settings, notes = resolve_conflicts(settings, umap)
     messages += notes
     patcher = Patcher(unet)
-    ctx = ApplyContext(umap, patcher, clock, seed=seed, latent_shape=latent_shape, messages=messages)
+    ctx = ApplyContext(umap, patcher, clock, seed=seed, latent_shape=latent_shape, vae=vae, messages=messages)
     applied = []
     for technique in TECHNIQUES:
         tid = technique.SPEC.id

@@ -48,7 +48,7 @@ class UNetCall:
 
 class ForwardHooks:
     """Hook lists by point, called in registration order (= technique order):
-    begin(call); after_input(i, h, call) -> h, before the skip is saved (so it changes the skip);
+    begin(call), which may replace call.x / timesteps / context / y or set call.shortcut; after_input(i, h, call) -> h, before the skip is saved (so it changes the skip);
     after_skip(i, h, call) -> h, after it is saved; after_middle(h, call) -> h;
     before_concat(i, h, skip, call) -> (h, skip); after_output(i, h, call) -> h; end(out, call) -> out.
     """
@@ -75,6 +75,7 @@ def _unet_forward(unet: nn.Module, hooks: ForwardHooks, clock: StepClock) -> Cal
         call = UNetCall(x, timesteps, context, y, kwargs, clock)
         for fn in begin:
             fn(call)
+        x, timesteps, context, y = call.x, call.timesteps, call.context, call.y  # begin hooks may replace them
         hs = []
         t_emb = host_module.timestep_embedding(timesteps, unet.model_channels, repeat_only=False)
         emb = unet.time_embed(t_emb)
