@@ -21,6 +21,7 @@ from lib_unetmods.patcher import ACTIVE  # noqa: E402
 from lib_unetmods.settings import arg_layout  # noqa: E402
 from lib_unetmods.techniques import SPECS  # noqa: E402
 from model_state import assert_restored, snapshot  # noqa: E402
+from settings_cases import every_param_changed  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FREEU = "freeu version=v1 b1=1.3 s1=0.7 b2=1.2 s2=0.5"
@@ -185,24 +186,6 @@ def test_model_load_and_unload_callbacks_restore(script_module, make_unet):
     apply_mods(unet, Settings.from_text(FREEU), StepClock())
     script_callbacks.model_loaded_callback(object())
     assert_restored(unet, before)
-
-
-def every_param_changed():
-    settings = Settings()
-    for tid, spec in SPECS.items():
-        for param in spec.params:
-            if param.kind == "bool":
-                value = not param.default
-            elif param.kind == "choice":
-                value = next(c for c in param.choices if c != param.default)
-            else:
-                span = param.maximum - param.minimum
-                value = param.minimum + (span / 3 if param.kind == "float" else max(1, int(span // 3)))
-                value = value if value != param.default else param.maximum
-                value = int(value) if param.kind == "int" else value
-            settings[tid][param.name] = value
-        settings[tid]["enabled"] = True
-    return settings
 
 
 def test_every_parameter_round_trips_through_infotext_and_paste(script_module):
