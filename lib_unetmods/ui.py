@@ -5,6 +5,7 @@ Slider/Checkbox/Dropdown arguments, InputAccordion from modules.ui_components.
 """
 from __future__ import annotations
 
+import html
 import json
 from collections import Counter
 from typing import Any, Callable
@@ -52,7 +53,9 @@ def build(elem_id: Callable[[str], str]) -> list[Any]:
     lab = labels()
     components: dict[tuple[str, str], Any] = {}
     with gr.Group(elem_id=elem_id("panel")):
-        gr.HTML(f'<script type="application/json" class="unetmods-titles">{json.dumps(titles())}</script>', visible=False)
+        # tooltips for javascript/unetmods.js (a hidden div: gradio 4 leaves invisible components out of the page)
+        gr.HTML(f'<div hidden class="unetmods-titles" data-titles="{html.escape(json.dumps(titles()))}"></div>',
+                elem_classes=["unetmods-titles-holder"])
         for spec in SPECS.values():
             with InputAccordion(False, label=spec.title, elem_id=elem_id(spec.id)) as enabled:
                 components[(spec.id, "enabled")] = enabled
