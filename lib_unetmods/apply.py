@@ -51,12 +51,17 @@ class ApplyContext:
         self.forward_hooks().add(point, fn, self.patcher, self.technique)
 
     def before_concat(self, fn: Callable[[int, torch.Tensor, torch.Tensor, UNetCall | None], tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """before_concat through the hooked forward, or, when another extension owns the forward,
-        through pre-hooks on the output blocks, whose input is cat([h, skip]) (h channels first)."""
-        if foreign_forward(self.unet) is None:
+        """before_concat through the hooked forward, or, where another extension owns the forward
+        or the host's UNet is Forge's, through pre-hooks on the output blocks, whose input is
+        cat([h, skip]) (h channels first). The hook then gets None for the call."""
+        own_forward = foreign_forward(self.unet) is None and self.map.host in ("ldm", "sgm")
+        if own_forward:
             self.hook("before_concat", fn)
             return
-        self.warn("another extension owns the UNet forward; using output-block hooks")
+        if self.map.host == "forge_classic":
+            raise Refused("classic Forge calls the UNet blocks without their hooks; this technique cannot run there")
+        if self.map.host in ("ldm", "sgm"):
+            self.warn("another extension owns the UNet forward; using output-block hooks")
         for i, block in enumerate(self.unet.output_blocks):
             self.patcher.add_handle(block.register_forward_pre_hook(self._split_concat(i, fn)), self.technique)
 
