@@ -26,6 +26,9 @@ class ApplyContext:
     seed: int = 0  # image seed: techniques with randomness seed private generators from it
     latent_shape: tuple[int, ...] | None = None
     vae: nn.Module | None = None  # the first-stage model, for techniques that touch the decoder
+    prediction: str = "eps"  # what the UNet predicts, "eps" or "v" (SD2-768): for output corrections
+    hires_planned: bool = False  # this first pass is followed by a hires-fix pass
+    base_shape: tuple[int, ...] | None = None  # in the hires pass: the first pass's latent shape
     messages: list[str] = field(default_factory=list)
     technique: str = ""
     _hooks: ForwardHooks | None = None
@@ -89,7 +92,9 @@ class Applied:
 
 
 def apply_mods(unet: nn.Module, settings: Settings, clock: StepClock, *, seed: int = 0,
-               latent_shape: tuple[int, ...] | None = None, vae: nn.Module | None = None) -> Applied:
+               latent_shape: tuple[int, ...] | None = None, vae: nn.Module | None = None,
+               prediction: str = "eps", hires_planned: bool = False,
+               base_shape: tuple[int, ...] | None = None) -> Applied:
     """Install the enabled techniques for one sampling pass. Call clock.start() for the pass
     first. With nothing enabled, nothing at all is installed on the model."""
     messages = [f"removed a leftover patch from an earlier run"] if restore_model(unet) else []
@@ -102,7 +107,8 @@ def apply_mods(unet: nn.Module, settings: Settings, clock: StepClock, *, seed: i
     settings, notes = resolve_conflicts(settings, umap)
     messages += notes
     patcher = Patcher(unet)
-    ctx = ApplyContext(umap, patcher, clock, seed=seed, latent_shape=latent_shape, vae=vae, messages=messages)
+    ctx = ApplyContext(umap, patcher, clock, seed=seed, latent_shape=latent_shape, vae=vae, prediction=prediction,
+                       hires_planned=hires_planned, base_shape=base_shape, messages=messages)
     applied = []
     for technique in TECHNIQUES:
         tid = technique.SPEC.id
