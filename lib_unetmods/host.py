@@ -27,6 +27,7 @@ class Generation:
     clock: StepClock = field(default_factory=StepClock)
     applied: Applied | None = None
     reported: set[str] = field(default_factory=set)
+    first_pass_shape: tuple[int, ...] | None = None  # latent shape of the first pass, for hires scaling
 
     def report(self, p: Any, messages: Iterable[str]) -> None:
         """Each message once per generation: to the console, and to the UI as a comment."""
@@ -118,9 +119,14 @@ def begin_pass(p: Any, generation: Generation, x_shape: tuple[int, ...] | None, 
                               "UNet Mods' ToMe is off for this pass so tokens are not merged twice"])
     generation.clock = StepClock(passes=generation.clock.passes)
     generation.clock.start(pass_steps(p, hires, fix_steps), hires)
+    if not hires:
+        generation.first_pass_shape = x_shape
     seeds = getattr(p, "seeds", None) or [getattr(p, "seed", 0)]
-    generation.applied = apply_mods(unet, settings, generation.clock, seed=int(seeds[0]), latent_shape=x_shape,
-                                    vae=host_vae(p))
+    generation.applied = apply_mods(
+        unet, settings, generation.clock, seed=int(seeds[0]), latent_shape=x_shape, vae=host_vae(p),
+        prediction="v" if getattr(getattr(p, "sd_model", None), "parameterization", "eps") == "v" else "eps",
+        hires_planned=not hires and bool(getattr(p, "enable_hr", False)),
+        base_shape=generation.first_pass_shape if hires else None)
     generation.report(p, generation.applied.messages)
     _follow_sampler_steps(p, generation)
 

@@ -38,6 +38,8 @@ def _control(gr: Any, param: Param, label: str, elem_id: str) -> Any:
         return gr.Checkbox(value=param.default, label=label, elem_id=elem_id)
     if param.kind == "choice":
         return gr.Dropdown(choices=list(param.choices), value=param.default, label=label, elem_id=elem_id)
+    if param.kind == "text":
+        return gr.Textbox(value=param.default, label=label, elem_id=elem_id, lines=1)
     step = param.step if param.step is not None else (1 if param.kind == "int" else 0.01)
     return gr.Slider(minimum=param.minimum, maximum=param.maximum, step=step, value=param.default, label=label,
                      elem_id=elem_id)
