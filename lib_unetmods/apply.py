@@ -97,7 +97,7 @@ def apply_mods(unet: nn.Module, settings: Settings, clock: StepClock, *, seed: i
                base_shape: tuple[int, ...] | None = None) -> Applied:
     """Install the enabled techniques for one sampling pass. Call clock.start() for the pass
     first. With nothing enabled, nothing at all is installed on the model."""
-    messages = [f"removed a leftover patch from an earlier run"] if restore_model(unet) else []
+    messages = ["removed a leftover patch from an earlier run"] if restore_model(unet) else []
     if not settings.enabled_ids():
         return Applied(None, messages)
     try:
