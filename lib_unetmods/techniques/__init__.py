@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import cdtuner, freeu
+from . import cdtuner, deepcache, freeu
 
-TECHNIQUES: tuple[ModuleType, ...] = (freeu, cdtuner)
+TECHNIQUES: tuple[ModuleType, ...] = (deepcache, freeu, cdtuner,)
 SPECS = {module.SPEC.id: module.SPEC for module in TECHNIQUES}
