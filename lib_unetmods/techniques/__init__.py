@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import cdtuner, deepcache, freeu
+from . import cdtuner, deepcache, freeu, tome
 
-TECHNIQUES: tuple[ModuleType, ...] = (deepcache, freeu, cdtuner,)
+TECHNIQUES: tuple[ModuleType, ...] = (tome, deepcache, freeu, cdtuner,)
 SPECS = {module.SPEC.id: module.SPEC for module in TECHNIQUES}

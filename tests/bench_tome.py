@@ -1,0 +1,96 @@
+"""Side-by-side timing of our ToMe and tomesd 0.1.3 against the unpatched UNet (not a test).
+
+    python tests/bench_tome.py --arch sd15 --size 512 --rounds 3
+    python tests/bench_tome.py --arch sdxl --size 1024 --rounds 2 --tomesd-max-downsample 1 2
+
+Single UNet calls with cond + uncond rows (batch 2), SDPA attention as in the WebUI, random
+weights; baseline, ours and tomesd run interleaved in every round, and the speed-up is the median
+over rounds of baseline time / patched time within the round. tomesd is only imported here.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lib_unetmods import Settings, StepClock, apply_mods  # noqa: E402
+from lib_unetmods.random_unets import build_unet, example_inputs, sdpa_attention, webui_cat_fix  # noqa: E402
+
+
+def unet_call(unet: nn.Module, inputs: dict) -> torch.Tensor:
+    kwargs = {"y": inputs["y"]} if inputs["y"] is not None else {}
+    return unet(inputs["x"], inputs["timesteps"], context=inputs["context"], **kwargs)
+
+
+def ours(unet: nn.Module, inputs: dict, text: str) -> torch.Tensor:
+    clock = StepClock()
+    clock.start(1)
+    applied = apply_mods(unet, Settings.from_text(text, strict=True), clock)
+    try:
+        return unet_call(unet, inputs)
+    finally:
+        applied.restore()
+
+
+def with_tomesd(unet: nn.Module, inputs: dict, **options) -> torch.Tensor:
+    import tomesd
+
+    holder = nn.Module()
+    holder.model = nn.Module()
+    holder.model.diffusion_model = unet
+    tomesd.apply_patch(holder, **options)
+    try:
+        return unet_call(unet, inputs)
+    finally:
+        tomesd.remove_patch(holder)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", default="sd15", choices=("sd15", "sd21", "sdxl"))
+    ap.add_argument("--size", type=int, default=512, help="square image size in pixels")
+    ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tomesd-max-downsample", type=int, nargs="+", default=[1])
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    unet = build_unet(args.arch, "full")
+    inputs = example_inputs(unet, batch=2, height=args.size // 8, width=args.size // 8)
+    configs: dict[str, Callable[[], torch.Tensor]] = {
+        "baseline": lambda: unet_call(unet, inputs),
+        f"ours ratio={args.ratio}": lambda: ours(unet, inputs, f"tome ratio={args.ratio}"),
+    }
+    for md in args.tomesd_max_downsample:
+        configs[f"tomesd ratio={args.ratio} max_downsample={md}"] = (
+            lambda md=md: with_tomesd(unet, inputs, ratio=args.ratio, max_downsample=md, use_rand=False))
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    outputs: dict[str, torch.Tensor] = {}
+    with sdpa_attention(), webui_cat_fix():
+        unet_call(unet, inputs)  # warm-up
+        for r in range(args.rounds):
+            for label, fn in configs.items():
+                start = time.perf_counter()
+                outputs[label] = fn()
+                times[label].append(time.perf_counter() - start)
+                print(f"round {r + 1} {label:<36} {times[label][-1]:7.2f} s", file=sys.stderr, flush=True)
+    base = outputs["baseline"]
+    print(f"{args.arch} {args.size}x{args.size}, batch 2 (cond+uncond), SDPA, {args.threads} threads, {args.rounds} rounds")
+    print(f"{'config':<38} {'median s':>9} {'speed-up':>9} {'min-max':>13} {'rel diff':>9}")
+    for label, ts in times.items():
+        ups = [b / t for b, t in zip(times["baseline"], ts)]
+        diff = float((outputs[label] - base).norm() / base.norm())
+        print(f"{label:<38} {statistics.median(ts):>9.2f} {statistics.median(ups):>8.3f}x {min(ups):>6.3f}-{max(ups):<6.3f} {diff:>9.2e}")
+
+
+if __name__ == "__main__":
+    main()
