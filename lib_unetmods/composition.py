@@ -5,11 +5,13 @@ A rule looks at the settings and the model and, where two techniques clash, turn
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 from .settings import Settings
-from .unet_map import UNetMap
+from .techniques.hypertile import tiled_levels
+from .unet_map import SDXL, SDXL_REFINER, UNetMap
 
 
 @dataclass(frozen=True)
@@ -20,7 +22,33 @@ class Rule:
     resolve: Callable[[Settings], None]
 
 
-RULES: tuple[Rule, ...] = ()
+def tome_max_level(values: dict, family: str) -> int:
+    """Deepest level ToMe merges: downsampling 2**level <= max_downsample ("auto": 1 for SD1/SD2,
+    2 for SDXL, whose first attention level is /2)."""
+    md = values["max_downsample"]
+    if md == "auto":
+        md = 2 if family in (SDXL, SDXL_REFINER) else 1
+    return int(math.log2(int(md)))
+
+
+def _tome_hypertile_overlap(settings: Settings, umap: UNetMap) -> bool:
+    ht, tome = settings["hypertile"], settings["tome"]
+    if not (tome["merge_attn"] and (ht["first_pass"] or ht["hires"])):
+        return False
+    return any(level <= tome_max_level(tome, umap.family) for level in tiled_levels(umap, ht["max_depth"]))
+
+
+def _tome_no_attention_merge(settings: Settings) -> None:
+    settings["tome"]["merge_attn"] = False
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(("tome", "hypertile"),
+         "ToMe + HyperTile: both would act on the same self-attention layers and tiles of merged tokens are not "
+         "spatial, so HyperTile keeps self-attention and ToMe's attention merging (merge_attn) is off; its "
+         "cross-attention and MLP merging still apply.",
+         _tome_hypertile_overlap, _tome_no_attention_merge),
+)
 
 
 def resolve_conflicts(settings: Settings, umap: UNetMap) -> tuple[Settings, list[str]]:
