@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import freeu
+from . import deepshrink, freeu
 
-TECHNIQUES: tuple[ModuleType, ...] = (freeu,)
+TECHNIQUES: tuple[ModuleType, ...] = (deepshrink, freeu)
 SPECS = {module.SPEC.id: module.SPEC for module in TECHNIQUES}
