@@ -20,7 +20,27 @@ class Rule:
     resolve: Callable[[Settings], None]
 
 
-RULES: tuple[Rule, ...] = ()
+def _turn_off(tid: str, param: str = "enabled") -> Callable[[Settings], None]:
+    return lambda settings: settings[tid].__setitem__(param, False)
+
+
+# ScaleCrafter widens the deep convs' receptive field for a large latent; Deep Shrink and RAU-Net
+# instead shrink the deep features back towards the native size in the same early steps. Both
+# together would correct the same blocks twice (dilated convs over features already at native
+# size), so ScaleCrafter, set up for the image size, keeps the deep blocks; HiDiffusion keeps
+# its window attention (MSW-MSA), which touches no conv.
+_SCALECRAFTER = (
+    Rule(("scalecrafter", "deepshrink"),
+         "ScaleCrafter and Deep Shrink both correct the deep blocks for the large size (dilating vs shrinking): "
+         "Deep Shrink is turned off while ScaleCrafter is on.",
+         lambda settings, umap: True, _turn_off("deepshrink")),
+    Rule(("scalecrafter", "hidiffusion"),
+         "ScaleCrafter and HiDiffusion's RAU-Net both correct the deep blocks for the large size (dilating vs resizing): "
+         "RAU-Net is turned off while ScaleCrafter is on; MSW-MSA stays.",
+         lambda settings, umap: bool(settings["hidiffusion"].get("rau_net")), _turn_off("hidiffusion", "rau_net")),
+)
+
+RULES: tuple[Rule, ...] = (*_SCALECRAFTER,)
 
 
 def resolve_conflicts(settings: Settings, umap: UNetMap) -> tuple[Settings, list[str]]:
