@@ -22,6 +22,10 @@ class Rule:
     resolve: Callable[[Settings], None]
 
 
+def _turn_off(tid: str, param: str = "enabled") -> Callable[[Settings], None]:
+    return lambda settings: settings[tid].__setitem__(param, False)
+
+
 def tome_max_level(values: dict, family: str) -> int:
     """Deepest level ToMe merges: downsampling 2**level <= max_downsample ("auto": 1 for SD1/SD2,
     2 for SDXL, whose first attention level is /2)."""
@@ -38,17 +42,32 @@ def _tome_hypertile_overlap(settings: Settings, umap: UNetMap) -> bool:
     return any(level <= tome_max_level(tome, umap.family) for level in tiled_levels(umap, ht["max_depth"]))
 
 
-def _tome_no_attention_merge(settings: Settings) -> None:
-    settings["tome"]["merge_attn"] = False
-
-
-RULES: tuple[Rule, ...] = (
+_TOME = (
     Rule(("tome", "hypertile"),
          "ToMe + HyperTile: both would act on the same self-attention layers and tiles of merged tokens are not "
          "spatial, so HyperTile keeps self-attention and ToMe's attention merging (merge_attn) is off; its "
          "cross-attention and MLP merging still apply.",
-         _tome_hypertile_overlap, _tome_no_attention_merge),
+         _tome_hypertile_overlap, _turn_off("tome", "merge_attn")),
 )
+
+
+# ScaleCrafter widens the deep convs' receptive field for a large latent; Deep Shrink and RAU-Net
+# instead shrink the deep features back towards the native size in the same early steps. Both
+# together would correct the same blocks twice (dilated convs over features already at native
+# size), so ScaleCrafter, set up for the image size, keeps the deep blocks; HiDiffusion keeps
+# its window attention (MSW-MSA), which touches no conv.
+_SCALECRAFTER = (
+    Rule(("scalecrafter", "deepshrink"),
+         "ScaleCrafter and Deep Shrink both correct the deep blocks for the large size (dilating vs shrinking): "
+         "Deep Shrink is turned off while ScaleCrafter is on.",
+         lambda settings, umap: True, _turn_off("deepshrink")),
+    Rule(("scalecrafter", "hidiffusion"),
+         "ScaleCrafter and HiDiffusion's RAU-Net both correct the deep blocks for the large size (dilating vs resizing): "
+         "RAU-Net is turned off while ScaleCrafter is on; MSW-MSA stays.",
+         lambda settings, umap: bool(settings["hidiffusion"].get("rau_net")), _turn_off("hidiffusion", "rau_net")),
+)
+
+RULES: tuple[Rule, ...] = (*_TOME, *_SCALECRAFTER)
 
 
 def resolve_conflicts(settings: Settings, umap: UNetMap) -> tuple[Settings, list[str]]:
