@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import freeu
+from . import freeu, hidiffusion
 
-TECHNIQUES: tuple[ModuleType, ...] = (freeu,)
+TECHNIQUES: tuple[ModuleType, ...] = (hidiffusion, freeu)
 SPECS = {module.SPEC.id: module.SPEC for module in TECHNIQUES}
