@@ -26,6 +26,9 @@ class ApplyContext:
     seed: int = 0  # image seed: techniques with randomness seed private generators from it
     latent_shape: tuple[int, ...] | None = None
     vae: nn.Module | None = None  # the first-stage model, for techniques that touch the decoder
+    prediction: str = "eps"  # what the UNet predicts, "eps" or "v" (SD2-768): for output corrections
+    hires_planned: bool = False  # this first pass is followed by a hires-fix pass
+    base_shape: tuple[int, ...] | None = None  # in the hires pass: the first pass's latent shape
     messages: list[str] = field(default_factory=list)
     technique: str = ""
     _hooks: ForwardHooks | None = None
@@ -51,12 +54,17 @@ class ApplyContext:
         self.forward_hooks().add(point, fn, self.patcher, self.technique)
 
     def before_concat(self, fn: Callable[[int, torch.Tensor, torch.Tensor, UNetCall | None], tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """before_concat through the hooked forward, or, when another extension owns the forward,
-        through pre-hooks on the output blocks, whose input is cat([h, skip]) (h channels first)."""
-        if foreign_forward(self.unet) is None:
+        """before_concat through the hooked forward, or, where another extension owns the forward
+        or the host's UNet is Forge's, through pre-hooks on the output blocks, whose input is
+        cat([h, skip]) (h channels first). The hook then gets None for the call."""
+        own_forward = foreign_forward(self.unet) is None and self.map.host in ("ldm", "sgm")
+        if own_forward:
             self.hook("before_concat", fn)
             return
-        self.warn("another extension owns the UNet forward; using output-block hooks")
+        if self.map.host == "forge_classic":
+            raise Refused("classic Forge calls the UNet blocks without their hooks; this technique cannot run there")
+        if self.map.host in ("ldm", "sgm"):
+            self.warn("another extension owns the UNet forward; using output-block hooks")
         for i, block in enumerate(self.unet.output_blocks):
             self.patcher.add_handle(block.register_forward_pre_hook(self._split_concat(i, fn)), self.technique)
 
@@ -84,10 +92,12 @@ class Applied:
 
 
 def apply_mods(unet: nn.Module, settings: Settings, clock: StepClock, *, seed: int = 0,
-               latent_shape: tuple[int, ...] | None = None, vae: nn.Module | None = None) -> Applied:
+               latent_shape: tuple[int, ...] | None = None, vae: nn.Module | None = None,
+               prediction: str = "eps", hires_planned: bool = False,
+               base_shape: tuple[int, ...] | None = None) -> Applied:
     """Install the enabled techniques for one sampling pass. Call clock.start() for the pass
     first. With nothing enabled, nothing at all is installed on the model."""
-    messages = [f"removed a leftover patch from an earlier run"] if restore_model(unet) else []
+    messages = ["removed a leftover patch from an earlier run"] if restore_model(unet) else []
     if not settings.enabled_ids():
         return Applied(None, messages)
     try:
@@ -97,7 +107,8 @@ def apply_mods(unet: nn.Module, settings: Settings, clock: StepClock, *, seed: i
     settings, notes = resolve_conflicts(settings, umap)
     messages += notes
     patcher = Patcher(unet)
-    ctx = ApplyContext(umap, patcher, clock, seed=seed, latent_shape=latent_shape, vae=vae, messages=messages)
+    ctx = ApplyContext(umap, patcher, clock, seed=seed, latent_shape=latent_shape, vae=vae, prediction=prediction,
+                       hires_planned=hires_planned, base_shape=base_shape, messages=messages)
     applied = []
     for technique in TECHNIQUES:
         tid = technique.SPEC.id

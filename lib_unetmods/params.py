@@ -6,12 +6,14 @@ text form) is derived from these declarations, so a parameter cannot be forgotte
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 BOOL_TRUE = {"true", "1", "yes", "on"}
 BOOL_FALSE = {"false", "0", "no", "off"}
 INFOTEXT_PREFIX = "UNetMods"
+TEXT_FORBIDDEN = set(";=")  # besides whitespace: the canonical text form splits on all three
 
 
 class ParamError(ValueError):
@@ -21,7 +23,7 @@ class ParamError(ValueError):
 @dataclass(frozen=True)
 class Param:
     name: str
-    kind: str  # "bool" | "int" | "float" | "choice"
+    kind: str  # "bool" | "int" | "float" | "choice" | "text"
     default: Any
     label: str
     tooltip: str
@@ -30,6 +32,7 @@ class Param:
     step: float | None = None
     choices: tuple[str, ...] = ()
     advanced: bool = False  # shown in the technique's "Advanced" sub-accordion
+    pattern: str = ""  # text: a regular expression the whole value must match
 
     def coerce(self, value: Any, where: str = "") -> Any:
         """Convert a UI / JSON / text value to the declared type, or raise ParamError."""
@@ -42,6 +45,8 @@ class Param:
             if isinstance(value, str) and value.strip().lower() in BOOL_TRUE | BOOL_FALSE:
                 return value.strip().lower() in BOOL_TRUE
             raise ParamError(f"{where}: expected true or false, got {value!r}")
+        if self.kind == "text":
+            return self._coerce_text(value, where)
         if self.kind == "choice":
             text = str(value).strip()
             for choice in self.choices:
@@ -65,6 +70,19 @@ class Param:
         ):
             raise ParamError(f"{where}: {value!r} is outside [{self.minimum:g}, {self.maximum:g}]")
         return number
+
+    def _coerce_text(self, value: Any, where: str) -> str:
+        """A compact list such as "1,2|3": whitespace around ',' and '|' is dropped (so "5, -5"
+        typed in a textbox is fine); whitespace, ';' and '=' left inside are refused, since
+        the canonical text form could not carry them."""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ParamError(f"{where}: expected text, got {value!r}")
+        text = re.sub(r"\s*([,|])\s*", r"\1", str(value).strip())
+        if any(c.isspace() or c in TEXT_FORBIDDEN for c in text):
+            raise ParamError(f"{where}: {value!r} may not contain spaces, ';' or '=' (separate with ',' and '|')")
+        if self.pattern and not re.fullmatch(self.pattern, text):
+            raise ParamError(f"{where}: {value!r} is not in the expected form ({self.tooltip})")
+        return text
 
     def format(self, value: Any) -> str:
         if self.kind == "bool":
@@ -93,6 +111,7 @@ class TechniqueSpec:
         for p in self.params:
             assert p.kind != "choice" or p.default in p.choices, (self.id, p.name)
             assert all(c and not set(c) & set(" ;=") for c in p.choices), (self.id, p.name)
+            assert p.kind != "text" or p.coerce(p.default) == p.default, (self.id, p.name)
 
     @property
     def infotext_key(self) -> str:

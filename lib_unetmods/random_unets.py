@@ -141,3 +141,30 @@ def sdpa_attention() -> Iterator[None]:
         yield
     finally:
         CrossAttention.forward = original
+
+
+class _CatResizing:
+    """The WebUI's `th` stand-in for openaimodel (A1111 `sd_hijack_unet.TorchHijackForUnet`):
+    torch, except that cat nearest-resizes the first tensor to the second's size."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    def cat(self, tensors: list[torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+        if len(tensors) == 2 and tensors[0].shape[-2:] != tensors[1].shape[-2:]:
+            tensors = [F.interpolate(tensors[0], tensors[1].shape[-2:], mode="nearest"), tensors[1]]
+        return torch.cat(tensors, *args, **kwargs)
+
+
+@contextmanager
+def webui_cat_fix() -> Iterator[None]:
+    """Let the UNet run on latent sizes that are not a multiple of 2**(levels-1), as the WebUI does."""
+    import ldm.modules.diffusionmodules.openaimodel as openaimodel
+
+    original = openaimodel.th
+    openaimodel.th = _CatResizing()
+    try:
+        yield
+    finally:
+        openaimodel.th = original
+

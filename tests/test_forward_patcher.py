@@ -135,3 +135,20 @@ def test_apply_context_messages_name_the_technique(make_unet):
     ctx = ApplyContext(map_unet(unet), Patcher(unet), StepClock(), technique="freeu")
     ctx.warn("hello")
     assert ctx.messages == ["FreeU: hello"]
+
+
+def test_forge_unet_class_gets_block_hooks_and_classic_forge_is_refused(make_unet, make_inputs):
+    unet = make_unet("sd15")
+    inputs = make_inputs(unet, batch=2, height=16, width=16)
+    applied = apply_mods(unet, Settings.from_text(FREEU_ON), StepClock())
+    expected = unet(**inputs)
+    applied.restore()
+    original_class = type(unet)
+    unet.__class__ = type("IntegratedUNet2DConditionModel", (original_class,), {"__module__": "backend.nn.unet"})
+    applied = apply_mods(unet, Settings.from_text(FREEU_ON), StepClock())
+    assert "forward" not in unet.__dict__ and applied.applied == ["freeu"]
+    assert torch.allclose(unet(**inputs), expected, rtol=1e-5, atol=1e-6)
+    applied.restore()
+    unet.__class__ = type("UNetModel", (original_class,), {"__module__": "ldm_patched.ldm.modules.diffusionmodules.openaimodel"})
+    applied = apply_mods(unet, Settings.from_text(FREEU_ON), StepClock())
+    assert applied.patcher is None and "classic Forge" in applied.messages[0]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import freeu, hidiffusion
+from . import cdtuner, freeu, hidiffusion
 
-TECHNIQUES: tuple[ModuleType, ...] = (hidiffusion, freeu)
+TECHNIQUES: tuple[ModuleType, ...] = (hidiffusion, freeu, cdtuner)
 SPECS = {module.SPEC.id: module.SPEC for module in TECHNIQUES}

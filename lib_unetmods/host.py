@@ -1,0 +1,168 @@
+"""Glue between a WebUI processing object `p` and the backend, without importing the WebUI.
+
+One `Generation` per processing object: it keeps the validated settings, the step clock of the
+current sampling pass and what is applied, and reports messages to the console and the UI.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch.nn as nn
+
+from .apply import Applied, apply_mods
+from .clock import StepClock
+from .params import INFOTEXT_PREFIX
+from .patcher import restore_all
+from .settings import Settings
+from .xyz import overrides
+
+STATE_ATTR = "unetmods_generation"
+LOG_PREFIX = "[UNet Mods]"
+
+
+@dataclass
+class Generation:
+    settings: Settings
+    clock: StepClock = field(default_factory=StepClock)
+    applied: Applied | None = None
+    reported: set[str] = field(default_factory=set)
+    first_pass_shape: tuple[int, ...] | None = None  # latent shape of the first pass, for hires scaling
+
+    def report(self, p: Any, messages: Iterable[str]) -> None:
+        """Each message once per generation: to the console, and to the UI as a comment."""
+        for message in messages:
+            if message in self.reported:
+                continue
+            self.reported.add(message)
+            print(f"{LOG_PREFIX} {message}")
+            comment = getattr(p, "comment", None)
+            if callable(comment):
+                comment(f"{LOG_PREFIX} {message}")
+
+    def restore(self) -> None:
+        if self.applied is not None:
+            self.applied.restore()
+            self.applied = None
+
+
+def settings_from(p: Any, args: Iterable[Any]) -> Settings:
+    """The UI's positional values (or an API dict), then the XYZ cell's overrides."""
+    settings = Settings.from_args(args)
+    cell = overrides(p)
+    if cell:
+        settings.update_from_dict(cell)
+    return settings
+
+
+def write_infotext(p: Any, settings: Settings) -> None:
+    """Replace our keys (the XYZ grid shares extra_generation_params between cells)."""
+    params = p.extra_generation_params
+    for key in [k for k in params if k.startswith(f"{INFOTEXT_PREFIX} ")]:
+        del params[key]
+    params.update(settings.infotext())
+
+
+def host_unet(p: Any) -> nn.Module | None:
+    model = getattr(p, "sd_model", None)
+    forge = getattr(model, "forge_objects", None)
+    if forge is not None:
+        return getattr(getattr(forge.unet, "model", None), "diffusion_model", None)
+    return getattr(getattr(model, "model", None), "diffusion_model", None)
+
+
+def host_vae(p: Any) -> nn.Module | None:
+    model = getattr(p, "sd_model", None)
+    forge = getattr(model, "forge_objects", None)
+    if forge is not None:
+        return getattr(forge.vae, "first_stage_model", None)
+    return getattr(model, "first_stage_model", None)
+
+
+def pass_steps(p: Any, hires: bool, fix_steps: bool = False) -> int:
+    """The steps the sampler will run in this pass (the cfg callback corrects it if it differs).
+    img2img runs t_enc + 1 steps, t_enc = int(strength * steps), unless the steps are fixed."""
+    if hires:
+        return int(getattr(p, "hr_second_pass_steps", 0) or p.steps)
+    strength = getattr(p, "denoising_strength", None)
+    if getattr(p, "init_images", None) and strength is not None and not fix_steps:
+        return int(min(strength, 0.999) * p.steps) + 1
+    return int(p.steps)
+
+
+def webui_token_merging(p: Any, hires: bool) -> float:
+    getter = getattr(p, "get_token_merging_ratio", None)
+    return float(getter(for_hr=hires) or 0) if callable(getter) else 0.0
+
+
+def begin_pass(p: Any, generation: Generation, x_shape: tuple[int, ...] | None, fix_steps: bool = False,
+               custom_unet: bool = False) -> None:
+    """Apply the settings for the sampling pass about to start (first, hires, img2img). Safe to
+    call twice for one pass (Forge does): everything is restored first, nothing stacks."""
+    restore_all()
+    generation.applied = None
+    settings = generation.settings
+    if not settings.enabled_ids():
+        return
+    hires = bool(getattr(p, "is_hr_pass", False))
+    if custom_unet:
+        generation.report(p, ["a custom UNet (e.g. TensorRT) is active, so no Python UNet code runs: UNet Mods skipped"])
+        return
+    unet = host_unet(p)
+    if unet is None:
+        generation.report(p, ["this model has no UNet to patch: UNet Mods skipped"])
+        return
+    if "tome" in settings.values and settings["tome"]["enabled"] and webui_token_merging(p, hires) > 0:
+        settings = settings.copy()
+        settings["tome"]["enabled"] = False
+        generation.report(p, ["the WebUI's own token merging is on (Settings > Optimizations): "
+                              "UNet Mods' ToMe is off for this pass so tokens are not merged twice"])
+    generation.clock = StepClock(passes=generation.clock.passes)
+    generation.clock.start(pass_steps(p, hires, fix_steps), hires)
+    if not hires:
+        generation.first_pass_shape = x_shape
+    seeds = getattr(p, "seeds", None) or [getattr(p, "seed", 0)]
+    generation.applied = apply_mods(
+        unet, settings, generation.clock, seed=int(seeds[0]), latent_shape=x_shape, vae=host_vae(p),
+        prediction="v" if getattr(getattr(p, "sd_model", None), "parameterization", "eps") == "v" else "eps",
+        hires_planned=not hires and bool(getattr(p, "enable_hr", False)),
+        base_shape=generation.first_pass_shape if hires else None)
+    generation.report(p, generation.applied.messages)
+    _follow_sampler_steps(p, generation)
+
+
+def _follow_sampler_steps(p: Any, generation: Generation) -> None:
+    """Advance the clock from the sampler's per-step callback (called once per sampler step,
+    after the step's model calls), so second-order samplers count steps, not UNet calls."""
+    sampler = getattr(p, "sampler", None)
+    callback = getattr(sampler, "callback_state", None)
+    if generation.applied is None or generation.applied.patcher is None or not callable(callback):
+        return
+    clock = generation.clock
+
+    def callback_state(d: dict[str, Any]) -> Any:
+        clock.begin_step(int(d.get("i", clock.step)) + 1)
+        return callback(d)
+
+    generation.applied.patcher.set_attr(sampler, "callback_state", callback_state, "clock")
+
+
+def on_cfg_denoiser(generation: Generation | None, params: Any) -> None:
+    """The WebUI's per-model-call callback: total steps, sigma, batch layout, and the sampler's
+    step counter as a floor for the clock (it lags one step behind on k-diffusion samplers)."""
+    if generation is None or generation.applied is None:
+        return
+    clock = generation.clock
+    clock.total_steps = max(int(params.total_sampling_steps), 1)
+    sigma = params.sigma
+    clock.begin_step(max(clock.step, int(params.sampling_step)), float(sigma.reshape(-1)[0]) if hasattr(sigma, "reshape") else sigma)
+    # A1111 stacks cond rows, then one uncond row per image; it may still drop the uncond rows
+    # after this callback (negative guidance minimum sigma), so hooks compare with x's batch size.
+    # Forge passes the undoubled x here and batches on its own: the layout is then unknown.
+    uncond = params.text_uncond
+    uncond_rows = 0 if uncond is None else (uncond.shape[0] if hasattr(uncond, "shape") else next(iter(uncond.values())).shape[0])
+    rows = params.x.shape[0]
+    if rows > uncond_rows:
+        clock.set_layout(rows - uncond_rows, uncond_rows)
+    else:
+        clock.set_layout(None, None)
