@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .settings import Settings
+from .techniques.hidiffusion import msw_level
 from .techniques.hypertile import tiled_levels
 from .unet_map import SDXL, SDXL_REFINER, UNetMap
 
@@ -67,7 +68,40 @@ _SCALECRAFTER = (
          lambda settings, umap: bool(settings["hidiffusion"].get("rau_net")), _turn_off("hidiffusion", "rau_net")),
 )
 
-RULES: tuple[Rule, ...] = (*_TOME, *_SCALECRAFTER)
+
+# HiDiffusion's parts yield to the dedicated technique on the same layers.
+def _msw_level(settings: Settings, umap: UNetMap) -> int | None:
+    """The level HiDiffusion's MSW-MSA windows, or None when it is off."""
+    return msw_level(umap) if settings["hidiffusion"]["msw_msa"] else None
+
+
+def _hypertile_overlaps_msw(settings: Settings, umap: UNetMap) -> bool:
+    level = _msw_level(settings, umap)
+    return level is not None and level in tiled_levels(umap, settings["hypertile"]["max_depth"])
+
+
+def _tome_overlaps_msw(settings: Settings, umap: UNetMap) -> bool:
+    level = _msw_level(settings, umap)
+    tome = settings["tome"]
+    return level is not None and bool(tome["merge_attn"]) and level <= tome_max_level(tome, umap.family)
+
+
+_HIDIFFUSION = (
+    Rule(("hidiffusion", "deepshrink"),
+         "HiDiffusion RAU-Net and Deep Shrink both resize the deep features: Deep Shrink wins, RAU-Net is off "
+         "(HiDiffusion's MSW-MSA still runs).",
+         lambda s, m: bool(s["hidiffusion"]["rau_net"]), _turn_off("hidiffusion", "rau_net")),
+    Rule(("hidiffusion", "hypertile"),
+         "HyperTile and HiDiffusion MSW-MSA would both tile the same self-attention layers: HyperTile wins, MSW-MSA is "
+         "off (HiDiffusion's RAU-Net still runs).",
+         _hypertile_overlaps_msw, _turn_off("hidiffusion", "msw_msa")),
+    Rule(("hidiffusion", "tome"),
+         "ToMe merges the tokens of the self-attention layers HiDiffusion MSW-MSA windows (out of spatial order): ToMe "
+         "wins, MSW-MSA is off (HiDiffusion's RAU-Net still runs).",
+         _tome_overlaps_msw, _turn_off("hidiffusion", "msw_msa")),
+)
+
+RULES: tuple[Rule, ...] = (*_TOME, *_SCALECRAFTER, *_HIDIFFUSION)
 
 
 def resolve_conflicts(settings: Settings, umap: UNetMap) -> tuple[Settings, list[str]]:

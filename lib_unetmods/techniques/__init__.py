@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import cdtuner, deepcache, deepshrink, freeu, hypertile, scalecrafter, tome
+from . import cdtuner, deepcache, deepshrink, freeu, hidiffusion, hypertile, scalecrafter, tome
 
-TECHNIQUES: tuple[ModuleType, ...] = (tome, hypertile, deepcache, scalecrafter, deepshrink, freeu, cdtuner,)
+TECHNIQUES: tuple[ModuleType, ...] = (tome, hypertile, deepcache, scalecrafter, deepshrink, hidiffusion, freeu, cdtuner,)
 SPECS = {module.SPEC.id: module.SPEC for module in TECHNIQUES}
