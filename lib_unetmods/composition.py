@@ -5,14 +5,14 @@ A rule looks at the settings and the model and, where two techniques clash, turn
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
 from .settings import Settings
 from .techniques.hidiffusion import msw_level
 from .techniques.hypertile import tiled_levels
-from .unet_map import SDXL, SDXL_REFINER, UNetMap
+from .techniques.tome import resolve_max_downsample
+from .unet_map import UNetMap
 
 
 @dataclass(frozen=True)
@@ -28,12 +28,8 @@ def _turn_off(tid: str, param: str = "enabled") -> Callable[[Settings], None]:
 
 
 def tome_max_level(values: dict, family: str) -> int:
-    """Deepest level ToMe merges: downsampling 2**level <= max_downsample ("auto": 1 for SD1/SD2,
-    2 for SDXL, whose first attention level is /2)."""
-    md = values["max_downsample"]
-    if md == "auto":
-        md = 2 if family in (SDXL, SDXL_REFINER) else 1
-    return int(math.log2(int(md)))
+    """Deepest level ToMe merges: downsampling 2**level <= max_downsample."""
+    return resolve_max_downsample(values["max_downsample"], family).bit_length() - 1
 
 
 def _tome_hypertile_overlap(settings: Settings, umap: UNetMap) -> bool:

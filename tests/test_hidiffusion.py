@@ -9,7 +9,6 @@ import torch
 
 from lib_unetmods import Settings, StepClock, apply_mods
 from lib_unetmods.composition import resolve_conflicts
-from lib_unetmods.params import Param, TechniqueSpec
 from lib_unetmods.random_unets import sdpa_attention
 from lib_unetmods.techniques import SPECS
 from lib_unetmods.techniques import hidiffusion as hd
@@ -274,30 +273,16 @@ def test_msw_layers_follow_the_reference(make_unet):
 
 # --- composition --------------------------------------------------------------------------------
 
-def _fake_spec(tid, *params):
-    return TechniqueSpec(tid, tid, (Param("enabled", "bool", False, tid, ""), *params))
-
-
-@pytest.fixture
-def other_techniques(monkeypatch):
-    monkeypatch.setitem(SPECS, "deepshrink", _fake_spec("deepshrink", Param("factor", "float", 2.0, "", "")))
-    monkeypatch.setitem(SPECS, "hypertile", _fake_spec("hypertile", Param("max_depth", "int", 0, "", "")))
-    monkeypatch.setitem(SPECS, "tome", _fake_spec(
-        "tome", Param("max_downsample", "choice", "auto", "", "", choices=("auto", "1", "2", "4", "8")),
-        Param("merge_attn", "bool", True, "", "")))
-
-
 @pytest.mark.parametrize("arch, other, rau_net, msw_msa", [
     ("sd15", "deepshrink", False, True),
     ("sd15", "hypertile", True, False),
-    ("sdxl", "hypertile", True, True),  # SDXL windows level 1; HyperTile depth 0 tiles level 0 only
-    ("sdxl", "hypertile max_depth=1", True, False),
+    ("sdxl", "hypertile max_depth=0", True, False),  # SDXL windows level 1, HyperTile's SDXL depth 0 tiles it too
     ("sd15", "tome", True, False),
     ("sdxl", "tome max_downsample=1", True, True),
     ("sdxl", "tome", True, False),  # auto = 2 on SDXL
     ("sd15", "tome merge_attn=false", True, True),
 ])
-def test_composition_rules(other_techniques, make_unet, arch, other, rau_net, msw_msa):
+def test_composition_rules(make_unet, arch, other, rau_net, msw_msa):
     unet = make_unet(arch)
     resolved, notes = resolve_conflicts(Settings.from_text(f"hidiffusion; {other}", strict=True), map_unet(unet))
     assert (resolved["hidiffusion"]["rau_net"], resolved["hidiffusion"]["msw_msa"]) == (rau_net, msw_msa)
@@ -306,7 +291,7 @@ def test_composition_rules(other_techniques, make_unet, arch, other, rau_net, ms
     assert all(n.startswith(("HiDiffusion", title)) and f"{title} wins" in n for n in notes)
 
 
-def test_deep_shrink_wins_in_apply(other_techniques, make_unet):
+def test_deep_shrink_wins_in_apply(make_unet):
     unet = make_unet("sd15")
     applied = apply_mods(unet, Settings.from_text("hidiffusion; deepshrink"), StepClock())
     assert "Deep Shrink wins" in applied.messages[0]

@@ -8,10 +8,8 @@ import torch.nn.functional as F
 
 from lib_unetmods import Settings, SettingsError, StepClock, apply_mods
 from lib_unetmods.composition import resolve_conflicts
-from lib_unetmods.params import Param, TechniqueSpec
 from lib_unetmods.patcher import Patcher
 from lib_unetmods.random_unets import _set_depth, build_unet, sdpa_attention, webui_cat_fix
-from lib_unetmods.techniques import SPECS
 from lib_unetmods.techniques.hypertile import (
     depth_layers, largest_tile_size_available, layer_grid, merge_tiles, split_tiles, tile_counts,
 )
@@ -266,17 +264,7 @@ def test_bad_values_are_reported():
         Settings.from_text("hypertile tile_size=600", strict=True)
 
 
-# --- composition with ToMe (the tome spec lives on another branch: a stand-in declaration) ----
-
-FAKE_TOME = TechniqueSpec("tome", "ToMe", (
-    Param("enabled", "bool", False, "ToMe", ""),
-    Param("ratio", "float", 0.5, "ratio", "", 0.0, 0.9, 0.05),
-    Param("max_downsample", "choice", "auto", "max downsample", "", choices=("auto", "1", "2", "4", "8")),
-    Param("merge_attn", "bool", True, "attn", ""),
-    Param("merge_crossattn", "bool", False, "crossattn", ""),
-    Param("merge_mlp", "bool", False, "mlp", ""),
-))
-
+# --- composition with ToMe ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch, tome, hypertile, merges_attn", [
     ("sd15", "", "", False),
@@ -287,8 +275,7 @@ FAKE_TOME = TechniqueSpec("tome", "ToMe", (
     ("sd15", "", "first_pass=false hires=false", True),  # HyperTile does nothing
     ("sd15", "merge_attn=false merge_crossattn=true", "", False),  # no attn1 merge to begin with
 ])
-def test_tome_hypertile_rule(arch, tome, hypertile, merges_attn, monkeypatch):
-    monkeypatch.setitem(SPECS, "tome", FAKE_TOME)
+def test_tome_hypertile_rule(arch, tome, hypertile, merges_attn):
     umap = map_unet(build_unet(arch, "tiny"))
     settings = Settings.from_text(f"tome {tome}; hypertile {hypertile}", strict=True)
     resolved, notes = resolve_conflicts(settings, umap)
