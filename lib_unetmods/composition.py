@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .settings import Settings
-from .techniques.hidiffusion import msw_level
+from .techniques.hidiffusion import msw_level, pool_pair, rau_pair
 from .techniques.hypertile import tiled_levels
 from .techniques.tome import resolve_max_downsample
 from .unet_map import UNetMap
@@ -20,11 +20,11 @@ class Rule:
     techniques: tuple[str, str]
     policy: str  # one sentence for the README and the message
     applies: Callable[[Settings, UNetMap], bool]
-    resolve: Callable[[Settings], None]
+    resolve: Callable[[Settings, UNetMap], None]
 
 
-def _turn_off(tid: str, param: str = "enabled") -> Callable[[Settings], None]:
-    return lambda settings: settings[tid].__setitem__(param, False)
+def _turn_off(tid: str, param: str = "enabled") -> Callable[[Settings, UNetMap], None]:
+    return lambda settings, umap: settings[tid].__setitem__(param, False)
 
 
 def tome_max_level(values: dict, family: str) -> int:
@@ -97,7 +97,40 @@ _HIDIFFUSION = (
          _tome_overlaps_msw, _turn_off("hidiffusion", "msw_msa")),
 )
 
-RULES: tuple[Rule, ...] = (*_TOME, *_SCALECRAFTER, *_HIDIFFUSION)
+# DeepCache reuses the tensor entering output_blocks[L-k]; where a resizer acts at or above input
+# block k, that tensor's size depends on whether the step it came from was resized, so the cache
+# level is kept above (shallower than) the first resized block.
+def _shrink_block(settings: Settings, umap: UNetMap) -> int:
+    ds = settings["deepshrink"]
+    return min(ds["block"], ds["block2"]) if ds["end2"] > ds["end"] else ds["block"]
+
+
+def _hidiffusion_block(settings: Settings, umap: UNetMap) -> int:
+    """RAU-Net's first resized input block (its RAD or its pooled pair)."""
+    hd = settings["hidiffusion"]
+    return min(pool_pair(umap, hd["pool_blocks"])[0], rau_pair(umap, hd["rau_blocks"])[0])
+
+
+def _cap_cache_level(first_block: Callable[[Settings, UNetMap], int]) -> Callable[[Settings, UNetMap], None]:
+    def resolve(settings: Settings, umap: UNetMap) -> None:
+        settings["deepcache"]["level"] = first_block(settings, umap) - 1
+
+    return resolve
+
+
+_DEEPCACHE = (
+    Rule(("deepcache", "deepshrink"),
+         "DeepCache's cache level reaches the block Deep Shrink resizes after: the level is lowered below that block "
+         "so a cached tensor always has the size the cheap step expects.",
+         lambda s, m: s["deepcache"]["level"] >= _shrink_block(s, m), _cap_cache_level(_shrink_block)),
+    Rule(("deepcache", "hidiffusion"),
+         "DeepCache's cache level reaches the blocks HiDiffusion resizes: the level is lowered below them so a cached "
+         "tensor always has the size the cheap step expects.",
+         lambda s, m: s["hidiffusion"]["rau_net"] and s["deepcache"]["level"] >= _hidiffusion_block(s, m),
+         _cap_cache_level(_hidiffusion_block)),
+)
+
+RULES: tuple[Rule, ...] = (*_TOME, *_SCALECRAFTER, *_HIDIFFUSION, *_DEEPCACHE)
 
 
 def resolve_conflicts(settings: Settings, umap: UNetMap) -> tuple[Settings, list[str]]:
@@ -106,6 +139,6 @@ def resolve_conflicts(settings: Settings, umap: UNetMap) -> tuple[Settings, list
     for rule in RULES:
         a, b = rule.techniques
         if all(t in settings.values and settings[t]["enabled"] for t in (a, b)) and rule.applies(settings, umap):
-            rule.resolve(settings)
+            rule.resolve(settings, umap)
             notes.append(rule.policy)
     return settings, notes

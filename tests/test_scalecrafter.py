@@ -327,6 +327,6 @@ def test_composition_rules_turn_off_the_other_resizer():
     settings.values["hidiffusion"] = {"enabled": True, "rau_net": True, "msw_msa": True}
     for rule in RULES:
         if rule.techniques[0] == "scalecrafter" and rule.applies(settings, None):
-            rule.resolve(settings)
+            rule.resolve(settings, None)
     assert settings["deepshrink"]["enabled"] is False
     assert settings["hidiffusion"] == {"enabled": True, "rau_net": False, "msw_msa": True}

@@ -1,0 +1,63 @@
+"""Every pair of techniques runs together on one UNet: it works, or the composition table turns
+something off with a message. Plus the DeepCache-vs-resizer rules."""
+import itertools
+
+import pytest
+import torch
+
+from lib_unetmods import Settings, StepClock, apply_mods
+from lib_unetmods.composition import resolve_conflicts
+from lib_unetmods.random_unets import webui_cat_fix
+from lib_unetmods.techniques import SPECS
+from lib_unetmods.unet_map import map_unet
+from model_state import assert_restored, snapshot
+
+# each technique at settings that make it act on a small latent within a short schedule
+ACTIVE = {
+    "tome": "tome ratio=0.5",
+    "hypertile": "hypertile tile_size=128",
+    "deepcache": "deepcache interval=2",
+    "scalecrafter": "scalecrafter level1=2 level2=2 stop=1",
+    "deepshrink": "deepshrink",
+    "hidiffusion": "hidiffusion auto=false",
+    "freeu": "freeu",
+    "cdtuner": "cdtuner d1=2 d2=2 con1=1",
+}
+
+
+@pytest.mark.parametrize("pair", list(itertools.combinations(SPECS, 2)), ids="+".join)
+def test_every_pair_runs_or_is_resolved_with_a_message(pair, make_unet, make_inputs):
+    unet = make_unet("sd15")
+    inputs = make_inputs(unet, batch=2, height=32, width=40)
+    before = snapshot(unet)
+    settings = Settings.from_text("; ".join(ACTIVE[t] for t in pair), strict=True)
+    resolved, notes = resolve_conflicts(settings, map_unet(unet))
+    clock = StepClock()
+    clock.start(4)
+    clock.set_layout(1, 1)
+    applied = apply_mods(unet, settings, clock, latent_shape=tuple(inputs["x"].shape))
+    try:
+        assert applied.messages[:len(notes)] == notes
+        with webui_cat_fix():
+            for step in range(3):
+                clock.begin_step(step)
+                out = unet(**inputs)
+                assert out.shape == inputs["x"].shape and torch.isfinite(out).all()
+    finally:
+        applied.restore()
+    assert_restored(unet, before)
+    for tid in pair:  # a technique that is still on is installed, one that is off says why
+        skipped = any(m.startswith(f"{SPECS[tid].title} skipped") for m in applied.messages)
+        assert (tid in applied.applied) != (skipped or not resolved[tid]["enabled"]), (tid, applied.messages)
+
+
+@pytest.mark.parametrize("other,level,expected", [
+    ("deepshrink block=3", 5, 2), ("deepshrink block=3", 2, 2),
+    ("deepshrink block=6 block2=2 end2=0.6", 4, 1),
+    ("hidiffusion", 5, 2), ("hidiffusion rau_net=false", 5, 5),
+])
+def test_deepcache_level_stays_above_resized_blocks(other, level, expected, make_unet):
+    settings = Settings.from_text(f"deepcache level={level}; {other}", strict=True)
+    resolved, notes = resolve_conflicts(settings, map_unet(make_unet("sd15")))
+    assert resolved["deepcache"]["level"] == expected
+    assert bool(notes) == (expected != level)
