@@ -5,7 +5,8 @@
 
 Single UNet calls with cond + uncond rows (batch 2), SDPA attention as in the WebUI, random
 weights; baseline, ours and tomesd run interleaved in every round, and the speed-up is the median
-over rounds of baseline time / patched time within the round. tomesd is only imported here.
+over rounds of baseline time / patched time within the round, in wall time and in process CPU
+time (steadier on a shared machine when run with --threads 1). tomesd is only imported here.
 """
 from __future__ import annotations
 
@@ -74,22 +75,27 @@ def main() -> None:
         configs[f"tomesd ratio={args.ratio} max_downsample={md}"] = (
             lambda md=md: with_tomesd(unet, inputs, ratio=args.ratio, max_downsample=md, use_rand=False))
     times: dict[str, list[float]] = {k: [] for k in configs}
+    cpu: dict[str, list[float]] = {k: [] for k in configs}
     outputs: dict[str, torch.Tensor] = {}
     with sdpa_attention(), webui_cat_fix():
         unet_call(unet, inputs)  # warm-up
         for r in range(args.rounds):
             for label, fn in configs.items():
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 outputs[label] = fn()
                 times[label].append(time.perf_counter() - start)
-                print(f"round {r + 1} {label:<36} {times[label][-1]:7.2f} s", file=sys.stderr, flush=True)
+                cpu[label].append(time.process_time() - start_cpu)
+                print(f"round {r + 1} {label:<36} {times[label][-1]:7.2f} s wall {cpu[label][-1]:7.2f} s cpu",
+                      file=sys.stderr, flush=True)
     base = outputs["baseline"]
     print(f"{args.arch} {args.size}x{args.size}, batch 2 (cond+uncond), SDPA, {args.threads} threads, {args.rounds} rounds")
-    print(f"{'config':<38} {'median s':>9} {'speed-up':>9} {'min-max':>13} {'rel diff':>9}")
-    for label, ts in times.items():
-        ups = [b / t for b, t in zip(times["baseline"], ts)]
+    print(f"{'config':<38} {'clock':>5} {'median s':>9} {'speed-up':>9} {'min-max':>13} {'rel diff':>9}")
+    for label in configs:
         diff = float((outputs[label] - base).norm() / base.norm())
-        print(f"{label:<38} {statistics.median(ts):>9.2f} {statistics.median(ups):>8.3f}x {min(ups):>6.3f}-{max(ups):<6.3f} {diff:>9.2e}")
+        for name, series in (("wall", times), ("cpu", cpu)):
+            ups = [b / t for b, t in zip(series["baseline"], series[label])]
+            print(f"{label:<38} {name:>5} {statistics.median(series[label]):>9.2f} {statistics.median(ups):>8.3f}x"
+                  f" {min(ups):>6.3f}-{max(ups):<6.3f} {diff:>9.2e}")
 
 
 if __name__ == "__main__":

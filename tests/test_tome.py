@@ -333,3 +333,13 @@ def test_an_outer_tiling_wrapper_on_attn1_composes():
     before = snapshot(unet)
     assert torch.equal(run("tome ratio=0.5"), run("tome ratio=0"))
     assert_restored(unet, before)
+
+
+def test_together_with_freeu():
+    unet = unet_of("sd15")
+    inputs = example_inputs(unet, batch=2, height=16, width=24)
+    before = snapshot(unet)
+    both, applied = with_ours(unet, inputs, "tome ratio=0.5; freeu")
+    alone, _ = with_ours(unet, inputs, "tome ratio=0.5")
+    assert applied.applied == ["tome", "freeu"] and rel(both, alone) > 1e-3
+    assert_restored(unet, before)

@@ -101,10 +101,10 @@ def dst_partition(h: int, w: int, sx: int, sy: int, device: torch.device,
         pick = torch.randint(sy * sx, size=(hsy, wsx, 1), device=generator.device, generator=generator)[..., 0].to(device)
     rows = torch.arange(hsy, device=device)[:, None] * sy + pick // sx
     cols = torch.arange(wsx, device=device)[None, :] * sx + pick % sx
-    dst = (rows * w + cols).reshape(-1).sort().values  # tomesd's (stable) layout: ascending
-    is_src = torch.ones(h * w, dtype=torch.bool, device=device)
-    is_src[dst] = False
-    return dst, is_src.nonzero()[:, 0]
+    is_dst = torch.zeros(h * w, dtype=torch.long, device=device)
+    is_dst[(rows * w + cols).reshape(-1)] = -1
+    order = is_dst.argsort(stable=True)  # tomesd's dst|src split, in a fixed order (no host sync)
+    return order[:hsy * wsx], order[hsy * wsx:]
 
 
 @dataclass
