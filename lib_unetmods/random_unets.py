@@ -56,7 +56,7 @@ def build_unet(arch: str = "sd15", size: str = "full", seed: int = 0) -> nn.Modu
         for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
             for m in block.modules():
                 if type(m).__name__ == "SpatialTransformer":
-                    _set_depth(m, depth[(m.in_channels // unet.model_channels).bit_length() - 1])
+                    set_transformer_depth(m, depth[(m.in_channels // unet.model_channels).bit_length() - 1])
         embed = unet.model_channels * 4
         unet.num_classes = "sequential"
         unet.label_emb = nn.Sequential(nn.Sequential(nn.Linear(ADM_CHANNELS, embed), nn.SiLU(), nn.Linear(embed, embed)))
@@ -79,7 +79,8 @@ def _deep_transformer_class() -> type:
     return DeepSpatialTransformer
 
 
-def _set_depth(transformer: nn.Module, depth: int) -> None:
+def set_transformer_depth(transformer: nn.Module, depth: int) -> None:
+    """Give a SpatialTransformer `depth` blocks (sgm-style shared context), keeping its first."""
     transformer.__class__ = _deep_transformer_class()
     first = transformer.transformer_blocks[0]
     inner, heads = first.attn1.to_q.out_features, first.attn1.heads

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from lib_unetmods import Settings, SettingsError, StepClock, apply_mods
 from lib_unetmods.composition import resolve_conflicts
 from lib_unetmods.patcher import Patcher
-from lib_unetmods.random_unets import _set_depth, build_unet, sdpa_attention, webui_cat_fix
+from lib_unetmods.random_unets import set_transformer_depth, build_unet, sdpa_attention, webui_cat_fix
 from lib_unetmods.techniques.hypertile import (
     depth_layers, largest_tile_size_available, layer_grid, merge_tiles, split_tiles, tile_counts,
 )
@@ -140,7 +140,7 @@ def test_sdxl_depth_table_matches_the_builtin():
     for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
         for m in block.modules():
             if type(m).__name__ == "DeepSpatialTransformer":
-                _set_depth(m, 2 if m.in_channels == 2 * unet.model_channels else 10)
+                set_transformer_depth(m, 2 if m.in_channels == 2 * unet.model_channels else 10)
     umap = map_unet(unet)
     half = ["input_blocks.4", "input_blocks.5", "output_blocks.3", "output_blocks.4", "output_blocks.5"]
     quarter = ["input_blocks.7", "input_blocks.8", "output_blocks.0", "output_blocks.1", "output_blocks.2"]
