@@ -4,8 +4,11 @@ technique (or --mods), on the same inputs, with the WebUI's default attention ke
     python -m lib_unetmods.bench                      # SD1.5-sized UNet, 512x512, CPU
     python -m lib_unetmods.bench --arch sdxl --size 1024x1024 --steps 8 --mods "freeu" --json
 
-Baseline and patched runs are interleaved round by round; the speed-up is the median over rounds
-of (baseline time / patched time) within a round, with the min..max spread.
+Each round runs the baseline, every configuration (in reverse order every other round), and the
+baseline again; a configuration's ratio in a round is the baseline time interpolated to its place
+in the round (linear between the two baseline runs, so a machine that speeds up or slows down
+during the round does not bias it) over its own time. The speed-up is the median over rounds,
+with the min..max spread.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ class Config:
     label: str
     settings: Settings | None  # None = the plain UNet, nothing applied
     times: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)  # interpolated baseline time / own time, per round
     peak_mem: int = 0
     output: torch.Tensor | None = None
     messages: list[str] = field(default_factory=list)
@@ -52,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m lib_unetmods.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", choices=ARCHS, default="sd15")
     ap.add_argument("--size", default=DEFAULT_SIZE, help="image size WxH in pixels (latent = /8)")
-    ap.add_argument("--steps", type=int, default=6, help="sampler steps per run")
+    ap.add_argument("--steps", type=int, default=4, help="sampler steps per run")
     ap.add_argument("--batch", type=int, default=1, help="images per batch; the UNet sees cond + uncond rows")
     ap.add_argument("--mods", action="append", default=[],
                     help='canonical text, e.g. "freeu b1=1.3; tome ratio=0.5"; repeat for several configs '
@@ -162,10 +166,6 @@ def run_config(unet: nn.Module, config: Config, inputs: dict, args: argparse.Nam
     return elapsed
 
 
-def speedups(config: Config, baseline: Config) -> list[float]:
-    return [b / t for b, t in zip(baseline.times, config.times)]
-
-
 def rel_diff(config: Config, baseline: Config) -> float:
     return float((config.output - baseline.output).norm() / baseline.output.norm())
 
@@ -186,7 +186,8 @@ def benchmark(args: argparse.Namespace) -> list[Config]:
         "uncond": sample_inputs["context"][args.batch:],
         "y": None if sample_inputs["y"] is None else sample_inputs["y"][: args.batch],
     }
-    total = args.repeats * len(configs)
+    baseline, others = configs[0], configs[1:]
+    total = args.repeats * (len(others) + 2)
     done, started = 0, time.perf_counter()
     log = sys.stderr
     print(f"{args.arch} ({args.unet_size}, {family}) {args.width}x{args.height}, {args.steps} steps, "
@@ -196,12 +197,18 @@ def benchmark(args: argparse.Namespace) -> list[Config]:
         stack.enter_context(webui_cat_fix())
         euler_sample(unet, inputs["noise"], inputs["cond"], inputs["uncond"], 1, StepClock(), y=inputs["y"])  # warm-up
         for r in range(args.repeats):
-            for config in configs:
-                elapsed = run_config(unet, config, inputs, args)
+            order = others if r % 2 == 0 else others[::-1]
+            round_times = []
+            for config in [baseline, *order, baseline]:
+                round_times.append(run_config(unet, config, inputs, args))
                 done += 1
                 eta = (time.perf_counter() - started) / done * (total - done)
-                print(f"[{done:>3}/{total}] round {r + 1}/{args.repeats}  {config.label:<14} {elapsed:7.2f} s"
+                print(f"[{done:>3}/{total}] round {r + 1}/{args.repeats}  {config.label:<14} {round_times[-1]:7.2f} s"
                       f"   eta {fmt_time(eta)}", file=log, flush=True)
+            first, last = round_times[0], round_times[-1]
+            for j, (config, elapsed) in enumerate(zip(order, round_times[1:-1])):
+                config.ratios.append((first + (last - first) * (j + 1) / (len(order) + 1)) / elapsed)
+            baseline.ratios.append(1.0)
     return configs
 
 
@@ -209,7 +216,7 @@ def report(configs: list[Config], args: argparse.Namespace) -> None:
     baseline = configs[0]
     rows = []
     for config in configs:
-        ratios = speedups(config, baseline)
+        ratios = config.ratios
         rows.append({
             "arch": args.arch, "unet": args.unet_size, "size": f"{args.width}x{args.height}", "steps": args.steps,
             "batch": args.batch, "label": config.label, "mods": config.mods,
