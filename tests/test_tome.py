@@ -4,9 +4,8 @@ import functools
 
 import pytest
 import torch
-import torch.nn as nn
 
-import tomesd
+import bench_tome
 import tomesd.merge
 from lib_unetmods import Settings, SettingsError, StepClock, apply_mods
 from lib_unetmods.random_unets import build_unet, example_inputs, sdpa_attention, webui_cat_fix
@@ -37,14 +36,8 @@ def call(unet, inputs):
 
 
 def with_tomesd(unet, inputs, **options):
-    holder = nn.Module()
-    holder.model = nn.Module()
-    holder.model.diffusion_model = unet
-    tomesd.apply_patch(holder, **options)
-    try:
-        return call(unet, inputs)
-    finally:
-        tomesd.remove_patch(holder)
+    with torch.no_grad(), webui_cat_fix(), sdpa_attention():
+        return bench_tome.with_tomesd(unet, inputs, **options)
 
 
 def with_ours(unet, inputs, text, seed=0, step=0, steps=1, hires=False):
