@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from .clock import StepClock
-from .composition import resolve_conflicts
+from .composition import PassInfo, resolve_conflicts
 from .forward import ForwardHooks, Refused, UNetCall, foreign_forward, install_forward
 from .patcher import Patcher, restore_model
 from .settings import Settings
@@ -84,7 +84,8 @@ class Applied:
 
     patcher: Patcher | None
     messages: list[str]
-    applied: list[str] = field(default_factory=list)  # technique ids that are installed
+    applied: list[str] = field(default_factory=list)  # technique ids that installed something: they act
+    settings: Settings | None = None  # the values used: auto values resolved, composition rules applied
 
     def restore(self) -> None:
         if self.patcher is not None:
@@ -104,7 +105,7 @@ def apply_mods(unet: nn.Module, settings: Settings, clock: StepClock, *, seed: i
         umap = map_unet(unet)
     except UnsupportedModel as e:
         return Applied(None, messages + [f"UNet Mods skipped: {e}"])
-    settings, notes = resolve_conflicts(settings, umap)
+    settings, notes = resolve_conflicts(settings.with_family_values(umap.family), umap, PassInfo(clock, latent_shape))
     messages += notes
     patcher = Patcher(unet)
     ctx = ApplyContext(umap, patcher, clock, seed=seed, latent_shape=latent_shape, vae=vae, prediction=prediction,
@@ -115,10 +116,14 @@ def apply_mods(unet: nn.Module, settings: Settings, clock: StepClock, *, seed: i
         if not settings[tid]["enabled"]:
             continue
         ctx.technique = tid
+        changes, said = len(patcher), len(ctx.messages)
         try:
             with patcher.transaction():
                 technique.apply(ctx, settings[tid])
-            applied.append(tid)
         except Refused as e:
+            del ctx.messages[said:]  # its warnings are moot now: the reason it is skipped replaces them
             ctx.messages.append(f"{technique.SPEC.title} skipped: {e}")
-    return Applied(patcher if patcher.active else None, ctx.messages, applied)
+            continue
+        if len(patcher) > changes:  # a technique that returned with "nothing to do" installed nothing
+            applied.append(tid)
+    return Applied(patcher if patcher.active else None, ctx.messages, applied, settings)

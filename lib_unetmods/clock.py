@@ -52,6 +52,10 @@ class StepClock:
         """A ratio of the steps as a step index, truncated (ljleb FreeU, HiDiffusion's int(T*N))."""
         return int(ratio * self.total_steps)
 
+    def window_steps(self, start: float, end: float) -> range:
+        """The steps of the pass for which in_window(start, end) holds."""
+        return range(self.step_of(start), self.total_steps if end >= 1.0 else min(self.step_of(end), self.total_steps))
+
     def in_window(self, start: float, end: float) -> bool:
         """start <= step < end, both given as ratios of the pass's steps and truncated to steps."""
         return self.step_of(start) <= self.step and (end >= 1.0 or self.step < self.step_of(end))

@@ -1,17 +1,21 @@
 """Which techniques can run together: one table, read by apply_mods and the README.
 
 A rule looks at the settings and the model and, where two techniques clash, turns the loser
-(or one of its parameters) off and says so. Rules run in order.
+(or one of its parameters) off and says so. Rules run in order, and only between techniques
+(or parts) that would really act in this pass: a technique with nothing to do on this image
+(ScaleCrafter at the native size, Deep Shrink outside its window...) costs the other nothing.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
+from .clock import StepClock
+from .forward import Refused
 from .settings import Settings
+from .techniques import deepcache, deepshrink, hidiffusion, scalecrafter, tome
 from .techniques.hidiffusion import msw_level, pool_pair, rau_pair
 from .techniques.hypertile import tiled_levels
-from .techniques.tome import resolve_max_downsample
 from .unet_map import UNetMap
 
 
@@ -21,6 +25,16 @@ class Rule:
     policy: str  # one sentence for the README and the message
     applies: Callable[[Settings, UNetMap], bool]
     resolve: Callable[[Settings, UNetMap], None]
+    parts: tuple[str, ...] = ()  # parts that must act as well, e.g. "hidiffusion.rau_net"
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    """What is known about the pass before it starts; None where unknown (then a technique is
+    assumed to act)."""
+
+    clock: StepClock | None = None
+    latent_shape: tuple[int, ...] | None = None
 
 
 def _turn_off(tid: str, param: str = "enabled") -> Callable[[Settings, UNetMap], None]:
@@ -29,7 +43,7 @@ def _turn_off(tid: str, param: str = "enabled") -> Callable[[Settings, UNetMap],
 
 def tome_max_level(values: dict, family: str) -> int:
     """Deepest level ToMe merges: downsampling 2**level <= max_downsample."""
-    return resolve_max_downsample(values["max_downsample"], family).bit_length() - 1
+    return tome.resolve_max_downsample(values["max_downsample"], family).bit_length() - 1
 
 
 def _tome_hypertile_overlap(settings: Settings, umap: UNetMap) -> bool:
@@ -56,12 +70,12 @@ _TOME = (
 _SCALECRAFTER = (
     Rule(("scalecrafter", "deepshrink"),
          "ScaleCrafter and Deep Shrink both correct the deep blocks for the large size (dilating vs shrinking): "
-         "Deep Shrink is turned off while ScaleCrafter is on.",
+         "Deep Shrink is turned off while ScaleCrafter acts.",
          lambda settings, umap: True, _turn_off("deepshrink")),
     Rule(("scalecrafter", "hidiffusion"),
          "ScaleCrafter and HiDiffusion's RAU-Net both correct the deep blocks for the large size (dilating vs resizing): "
-         "RAU-Net is turned off while ScaleCrafter is on; MSW-MSA stays.",
-         lambda settings, umap: bool(settings["hidiffusion"].get("rau_net")), _turn_off("hidiffusion", "rau_net")),
+         "RAU-Net is turned off while ScaleCrafter acts.",
+         lambda settings, umap: True, _turn_off("hidiffusion", "rau_net"), parts=("hidiffusion.rau_net",)),
 )
 
 
@@ -84,17 +98,16 @@ def _tome_overlaps_msw(settings: Settings, umap: UNetMap) -> bool:
 
 _HIDIFFUSION = (
     Rule(("hidiffusion", "deepshrink"),
-         "HiDiffusion RAU-Net and Deep Shrink both resize the deep features: Deep Shrink wins, RAU-Net is off "
-         "(HiDiffusion's MSW-MSA still runs).",
-         lambda s, m: bool(s["hidiffusion"]["rau_net"]), _turn_off("hidiffusion", "rau_net")),
+         "HiDiffusion RAU-Net and Deep Shrink both resize the deep features: Deep Shrink wins, RAU-Net is off.",
+         lambda s, m: True, _turn_off("hidiffusion", "rau_net"), parts=("hidiffusion.rau_net",)),
     Rule(("hidiffusion", "hypertile"),
          "HyperTile and HiDiffusion MSW-MSA would both tile the same self-attention layers: HyperTile wins, MSW-MSA is "
-         "off (HiDiffusion's RAU-Net still runs).",
-         _hypertile_overlaps_msw, _turn_off("hidiffusion", "msw_msa")),
+         "off.",
+         _hypertile_overlaps_msw, _turn_off("hidiffusion", "msw_msa"), parts=("hidiffusion.msw_msa",)),
     Rule(("hidiffusion", "tome"),
          "ToMe merges the tokens of the self-attention layers HiDiffusion MSW-MSA windows (out of spatial order): ToMe "
-         "wins, MSW-MSA is off (HiDiffusion's RAU-Net still runs).",
-         _tome_overlaps_msw, _turn_off("hidiffusion", "msw_msa")),
+         "wins, MSW-MSA is off.",
+         _tome_overlaps_msw, _turn_off("hidiffusion", "msw_msa"), parts=("hidiffusion.msw_msa",)),
 )
 
 # DeepCache reuses the tensor entering output_blocks[L-k]; where a resizer acts at or above input
@@ -126,19 +139,101 @@ _DEEPCACHE = (
     Rule(("deepcache", "hidiffusion"),
          "DeepCache's cache level reaches the blocks HiDiffusion resizes: the level is lowered below them so a cached "
          "tensor always has the size the cheap step expects.",
-         lambda s, m: s["hidiffusion"]["rau_net"] and s["deepcache"]["level"] >= _hidiffusion_block(s, m),
-         _cap_cache_level(_hidiffusion_block)),
+         lambda s, m: s["deepcache"]["level"] >= _hidiffusion_block(s, m),
+         _cap_cache_level(_hidiffusion_block), parts=("hidiffusion.rau_net",)),
 )
 
 RULES: tuple[Rule, ...] = (*_TOME, *_SCALECRAFTER, *_HIDIFFUSION, *_DEEPCACHE)
 
 
-def resolve_conflicts(settings: Settings, umap: UNetMap) -> tuple[Settings, list[str]]:
+def _hires_ok(values: dict, clock: StepClock | None) -> bool:
+    return clock is None or not clock.hires or values.get("hires", True)
+
+
+def _scalecrafter_acts(values: dict, umap: UNetMap, where: PassInfo) -> bool:
+    if where.latent_shape is None:
+        return True
+    return scalecrafter.plan_for(umap, values, tuple(where.latent_shape[-2:])).active
+
+
+def _deepshrink_acts(values: dict, umap: UNetMap, where: PassInfo) -> bool:
+    windows = deepshrink.windows_of(values)
+    try:
+        deepshrink.check_blocks(windows, umap)
+    except Refused:
+        return False
+    return where.clock is None or any(deepshrink.window_steps(w, where.clock) for w in windows)
+
+
+def _rau_net_acts(values: dict, umap: UNetMap, where: PassInfo) -> bool:
+    if not values["rau_net"] or umap.family not in hidiffusion.DEFAULT_BLOCKS:
+        return False
+    if where.latent_shape is None or where.clock is None:
+        return True
+    inpainting = getattr(umap.unet, "in_channels", 4) == 9
+    sched = hidiffusion.schedule(umap.family, values, *where.latent_shape[-2:], where.clock.total_steps, inpainting)
+    return any(end > start for start, end in (sched.rad, sched.pool))
+
+
+def _tome_acts(values: dict, umap: UNetMap, where: PassInfo) -> bool:
+    hires = where.clock is not None and where.clock.hires
+    ratio = (values["hr_ratio"] or values["ratio"]) if hires else values["ratio"]
+    return ratio > 0 and any(values[flag] for flag, _ in tome.SITES)
+
+
+_ACTS: dict[str, Callable[[dict, UNetMap, PassInfo], bool]] = {
+    "tome": _tome_acts,
+    "hypertile": lambda v, m, w: bool(v["hires" if w.clock is not None and w.clock.hires else "first_pass"]),
+    "deepcache": lambda v, m, w: w.clock is None or bool(deepcache.cheap_steps(v, w.clock)),
+    "scalecrafter": _scalecrafter_acts,
+    "deepshrink": _deepshrink_acts,
+    "hidiffusion": lambda v, m, w: m.family in hidiffusion.DEFAULT_BLOCKS and bool(v["rau_net"] or v["msw_msa"]),
+}
+_PART_ACTS: dict[str, Callable[[dict, UNetMap, PassInfo], bool]] = {
+    "hidiffusion.rau_net": _rau_net_acts,
+    "hidiffusion.msw_msa": lambda v, m, w: bool(v["msw_msa"]),
+}
+
+
+def acting(settings: Settings, umap: UNetMap, where: PassInfo) -> set[str]:
+    """Techniques (and parts, "technique.part") that would act in this pass."""
+    out = set()
+    for tid, values in settings.values.items():
+        if values["enabled"] and _hires_ok(values, where.clock) and _ACTS.get(tid, lambda *a: True)(values, umap, where):
+            out.add(tid)
+    for part, acts in _PART_ACTS.items():
+        tid = part.partition(".")[0]
+        if tid in out and acts(settings[tid], umap, where):
+            out.add(part)
+    return out
+
+
+def _hidiffusion_left(before: dict, after: dict) -> tuple[bool, str | None]:
+    """After the rules: HiDiffusion off when they took both of its parts, and a note saying
+    which part still runs when they took one."""
+    if all(after[part] == before[part] for part in ("rau_net", "msw_msa")):
+        return True, None
+    if not (after["rau_net"] or after["msw_msa"]):
+        return False, "HiDiffusion is off for this pass: nothing is left of it after the rules above."
+    left = "MSW-MSA" if after["msw_msa"] else "RAU-Net"
+    return True, f"HiDiffusion runs with {left} only."
+
+
+def resolve_conflicts(settings: Settings, umap: UNetMap, where: PassInfo | None = None) -> tuple[Settings, list[str]]:
+    """Apply the rules whose techniques (and parts) would all act in this pass; each note once.
+    Without `where`, every enabled technique is assumed to act."""
+    where = where or PassInfo()
     settings = settings.copy()
-    notes = []
+    hidiffusion_before = dict(settings["hidiffusion"]) if "hidiffusion" in settings.values else None
+    notes: list[str] = []
     for rule in RULES:
-        a, b = rule.techniques
-        if all(t in settings.values and settings[t]["enabled"] for t in (a, b)) and rule.applies(settings, umap):
+        live = acting(settings, umap, where)
+        if all(t in live for t in (*rule.techniques, *rule.parts)) and rule.applies(settings, umap):
             rule.resolve(settings, umap)
-            notes.append(rule.policy)
+            if rule.policy not in notes:
+                notes.append(rule.policy)
+    if hidiffusion_before is not None and hidiffusion_before["enabled"]:
+        still_on, note = _hidiffusion_left(hidiffusion_before, settings["hidiffusion"])
+        settings["hidiffusion"]["enabled"] = still_on
+        notes += [note] if note else []
     return settings, notes

@@ -12,9 +12,10 @@ import torch.nn as nn
 
 from .apply import Applied, apply_mods
 from .clock import StepClock
-from .params import INFOTEXT_PREFIX
+from .params import INFOTEXT_PREFIX, MESSAGES_KEY
 from .patcher import restore_all
 from .settings import Settings
+from .techniques import SPECS
 from .xyz import overrides
 
 STATE_ATTR = "unetmods_generation"
@@ -26,15 +27,18 @@ class Generation:
     settings: Settings
     clock: StepClock = field(default_factory=StepClock)
     applied: Applied | None = None
-    reported: set[str] = field(default_factory=set)
+    messages: list[str] = field(default_factory=list)  # reported so far, each once, in order
     first_pass_shape: tuple[int, ...] | None = None  # latent shape of the first pass, for hires scaling
+    # what ran in the current batch: pass (False: first / img2img, True: hires) -> technique -> values used
+    ran: dict[bool, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     def report(self, p: Any, messages: Iterable[str]) -> None:
-        """Each message once per generation: to the console, and to the UI as a comment."""
+        """Each message once per generation: to the console, to the UI as a comment, and kept
+        for the infotext's messages field (API clients get no comments)."""
         for message in messages:
-            if message in self.reported:
+            if message in self.messages:
                 continue
-            self.reported.add(message)
+            self.messages.append(message)
             print(f"{LOG_PREFIX} {message}")
             comment = getattr(p, "comment", None)
             if callable(comment):
@@ -55,12 +59,43 @@ def settings_from(p: Any, args: Iterable[Any]) -> Settings:
     return settings
 
 
-def write_infotext(p: Any, settings: Settings) -> None:
-    """Replace our keys (the XYZ grid shares extra_generation_params between cells)."""
+def write_infotext(p: Any, keys: dict[str, str], generation: Generation) -> None:
+    """Replace our keys (the XYZ grid shares extra_generation_params between cells), and the
+    messages so far. The WebUI builds each image's infotext after both of its passes ran."""
     params = p.extra_generation_params
     for key in [k for k in params if k.startswith(f"{INFOTEXT_PREFIX} ")]:
         del params[key]
-    params.update(settings.infotext())
+    params.update(keys)
+    if generation.messages:
+        params[MESSAGES_KEY] = " | ".join(generation.messages)
+
+
+def ran_infotext(ran: dict[bool, dict[str, dict[str, Any]]]) -> dict[str, str]:
+    """One key per technique that acted in some pass of the batch, with the values it used
+    (in its first pass). Where a technique has a switch for a pass that took place, the switch
+    says whether it acted there, so pasting the text runs the same passes again."""
+    out = {}
+    for tid, spec in SPECS.items():
+        used = [ran[hires][tid] for hires in (False, True) if tid in ran.get(hires, {})]
+        if not used:
+            continue
+        values = dict(used[0])
+        for hires, switch in ((False, "first_pass"), (True, "hires")):
+            if hires in ran and switch in values:
+                values[switch] = tid in ran[hires]
+        out[spec.infotext_key] = spec.to_text(values)
+    return out
+
+
+def record_pass(p: Any, generation: Generation, hires: bool, applied: Applied | None) -> None:
+    """Remember what acted in this pass (a new batch starts with its first pass) and rewrite
+    the infotext keys from it: a technique skipped, turned off by a rule or with nothing to do
+    writes no key."""
+    if not hires:
+        generation.ran.clear()
+    acted = applied.applied if applied is not None and applied.settings is not None else []
+    generation.ran[hires] = {tid: dict(applied.settings[tid]) for tid in acted}
+    write_infotext(p, ran_infotext(generation.ran), generation)
 
 
 def host_unet(p: Any) -> nn.Module | None:

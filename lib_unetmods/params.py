@@ -13,6 +13,8 @@ from typing import Any, Mapping
 BOOL_TRUE = {"true", "1", "yes", "on"}
 BOOL_FALSE = {"false", "0", "no", "off"}
 INFOTEXT_PREFIX = "UNetMods"
+MESSAGES_KEY = f"{INFOTEXT_PREFIX} messages"  # the run's messages, for API clients (info.extra_generation_params)
+AUTO_VALUES = "auto_values"  # the parameter that picks the recommended values for the model family
 TEXT_FORBIDDEN = set(";=")  # besides whitespace: the canonical text form splits on all three
 
 
@@ -112,6 +114,7 @@ class TechniqueSpec:
             assert p.kind != "choice" or p.default in p.choices, (self.id, p.name)
             assert all(c and not set(c) & set(" ;=") for c in p.choices), (self.id, p.name)
             assert p.kind != "text" or p.coerce(p.default) == p.default, (self.id, p.name)
+        assert AUTO_VALUES not in names or self.family_keys(), f"{self.id}: auto values without recommended values"
 
     @property
     def infotext_key(self) -> str:
@@ -127,10 +130,26 @@ class TechniqueSpec:
         return {p.name: p.default for p in self.params}
 
     def recommended_values(self, family: str) -> dict[str, Any]:
+        """Defaults with the family's recommended values (an SDXL variant falls back to SDXL's)."""
         values = self.defaults()
-        values.update(self.recommended.get(family, self.recommended.get("default", {})))
+        fallback = self.recommended.get("sdxl") if family.startswith("sdxl") else None
+        values.update(self.recommended.get(family) or fallback or self.recommended.get("default", {}))
         values["enabled"] = True
         return values
+
+    def family_keys(self) -> set[str]:
+        """The parameters some family recommends a value for (auto values set all of them)."""
+        return {name for values in self.recommended.values() for name in values}
+
+    def with_family_values(self, values: Mapping[str, Any], family: str) -> dict[str, Any]:
+        """`values` with auto values resolved for `family`: the recommended values written in,
+        auto switched off, so the result (and the infotext) names the values used."""
+        out = dict(values)
+        if out.get(AUTO_VALUES):
+            recommended = self.recommended_values(family)
+            out.update({name: recommended[name] for name in self.family_keys()})
+            out[AUTO_VALUES] = False
+        return out
 
     def update(self, values: dict[str, Any], changes: Mapping[str, Any], errors: list[str]) -> None:
         """Apply `changes` (a preset name under "preset" first) to `values`; bad entries are
@@ -173,3 +192,11 @@ class TechniqueSpec:
             changes[name] = raw
         self.update(values, changes, errors)
         return values
+
+
+def auto_values_param(title: str) -> Param:
+    """The switch that replaces a technique's tuned values by the ones recommended for the loaded
+    model's family, chosen when generating."""
+    return Param(AUTO_VALUES, "bool", False, "Auto values for this model",
+                 f"Use the {title} values recommended for the loaded model (SD1, SD2 or SDXL), chosen when generating "
+                 "(the sliders are ignored for those values); the infotext records the values used.")

@@ -7,10 +7,14 @@ parameter keeps its default, so one typo cannot lose the user's other settings.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, Iterable, Mapping
 
-from .params import ParamError, TechniqueSpec
+from .params import BOOL_FALSE, BOOL_TRUE, INFOTEXT_PREFIX, MESSAGES_KEY, ParamError, TechniqueSpec
 from .techniques import SPECS
+
+API_SHAPE = "expected a dict of techniques {technique: {param: value}} as the only argument, or the UI's positional values"
+_KEY = re.compile(rf"{INFOTEXT_PREFIX} (\S+) v(\d+)")
 
 
 class SettingsError(ValueError):
@@ -72,6 +76,9 @@ class Settings:
         settings = cls()
         if args and isinstance(args[0], Mapping):  # API: one dict instead of positional values
             return settings.update_from_dict(args[0])
+        if args and not _is_switch(args[0]):  # the API fills the other slots with defaults: judge by the first
+            settings.errors.append(f"{API_SHAPE}; got {type(args[0]).__name__} {args[0]!r}: every technique is off")
+            return settings
         for (tid, name), raw in zip(arg_layout(), args):
             spec = SPECS[tid]
             try:
@@ -108,13 +115,50 @@ class Settings:
 
     @classmethod
     def from_infotext(cls, params: Mapping[str, Any]) -> "Settings":
-        """Techniques without a key in `params` are off."""
+        """Techniques without a key in `params` are off; keys of unknown techniques or versions
+        are reported in `errors` and ignored."""
         settings = cls()
+        settings.errors += unknown_keys(params)
         for tid, spec in SPECS.items():
             text = params.get(spec.infotext_key)
             if text is not None:
                 settings.values[tid] = spec.from_text(str(text), settings.errors)
         return settings
+
+    def with_family_values(self, family: str) -> "Settings":
+        """Auto values resolved for the loaded model's family (see TechniqueSpec.with_family_values)."""
+        out = self.copy()
+        out.values = {tid: SPECS[tid].with_family_values(vals, family) for tid, vals in self.values.items()}
+        return out
+
+
+def unknown_keys(params: Mapping[str, Any]) -> list[str]:
+    """A message for each of our infotext keys this version cannot read (written by a newer or
+    different version of the extension, or mistyped)."""
+    known = {spec.infotext_key for spec in SPECS.values()} | {MESSAGES_KEY}
+    problems = []
+    for key in params:
+        if not key.startswith(f"{INFOTEXT_PREFIX} ") or key in known:
+            continue
+        match = _KEY.fullmatch(key)
+        spec = SPECS.get(match.group(1)) if match else None
+        if spec is not None:
+            problems.append(f"'{key}': version {match.group(2)} of {spec.title}'s settings is unknown here "
+                            f"(this version reads v{spec.version}); ignored")
+        elif match:
+            problems.append(f"'{key}': unknown technique {match.group(1)!r} (known: {', '.join(SPECS)}); ignored")
+        else:
+            problems.append(f"'{key}': not a key of this version (expected '{INFOTEXT_PREFIX} <technique> v<n>'); ignored")
+    return problems
+
+
+def _is_switch(value: Any) -> bool:
+    """Could `value` be the first positional argument (the first technique's on/off switch)?"""
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, str):
+        return value.strip().lower() in BOOL_TRUE | BOOL_FALSE
+    return isinstance(value, (int, float)) and value in (0, 1)
 
 
 def spec_of(tid: str) -> TechniqueSpec:

@@ -5,13 +5,15 @@ Slider/Checkbox/Dropdown arguments, InputAccordion from modules.ui_components.
 """
 from __future__ import annotations
 
+import functools
 import html
 import json
 from collections import Counter
 from typing import Any, Callable
 
+from .host import LOG_PREFIX
 from .params import Param, TechniqueSpec
-from .settings import arg_layout
+from .settings import Settings, arg_layout
 from .techniques import SPECS
 
 
@@ -93,23 +95,46 @@ def _wire_preset(gr: Any, spec: TechniqueSpec, dropdown: Any, components: dict[t
     dropdown.change(fn=fill, inputs=[dropdown], outputs=outputs, show_progress=False)
 
 
-def paste_value(spec: TechniqueSpec, name: str, log: Callable[[str], None]) -> Callable[[dict[str, Any]], Any]:
+def notify(message: str) -> None:
+    """A paste-back problem: to the console, and as a gradio warning toast where a UI event is
+    running (gradio 3.41 and 4.x; outside an event gradio only logs it)."""
+    print(f"{LOG_PREFIX} {message}")
+    try:
+        import gradio as gr
+
+        gr.Warning(f"UNet Mods: {message}")
+    except Exception:  # no gradio, or one without Warning: the console has it
+        pass
+
+
+def _paste_value(spec: TechniqueSpec, name: str, report: bool) -> Callable[[dict[str, Any]], Any]:
     """Paste-back for one control: the value from our key; without the key the technique is
-    switched off and its other controls are left as they are."""
+    switched off and its other controls are left as they are. The `report` one (called once
+    per paste) names every problem of the pasted text: bad values, unknown keys and versions."""
 
     def value(params: dict[str, Any]) -> Any:
+        if report:
+            for problem in Settings.from_infotext(params).errors:
+                notify(f"pasted infotext: {problem}")
         text = params.get(spec.infotext_key)
         if text is None:
             return False if name == "enabled" else None
-        errors: list[str] = []
-        values = spec.from_text(str(text), errors)
-        if name == "enabled":
-            for error in errors:
-                log(f"pasted infotext: {error}; using the default")
-        return values[name]
+        return spec.from_text(str(text), [])[name]
 
     return value
 
 
-def infotext_fields(components: list[Any], log: Callable[[str], None]) -> list[tuple[Any, Callable[[dict[str, Any]], Any]]]:
-    return [(component, paste_value(SPECS[tid], name, log)) for component, (tid, name) in zip(components, arg_layout())]
+@functools.lru_cache(maxsize=None)
+def paste_functions() -> tuple[Callable[[dict[str, Any]], Any], ...]:
+    """One paste function per control, in arg_layout() order. The same function objects serve
+    both tabs: "Send to txt2img/img2img" pairs the fields of two tabs by these targets."""
+    return tuple(_paste_value(SPECS[tid], name, report=i == 0) for i, (tid, name) in enumerate(arg_layout()))
+
+
+def infotext_fields(components: list[Any]) -> list[tuple[Any, Callable[[dict[str, Any]], Any]]]:
+    return list(zip(components, paste_functions()))
+
+
+def paste_field_names() -> list[Callable[[dict[str, Any]], Any]]:
+    """What "Send to" carries: every control of ours (the WebUI matches infotext_fields' targets)."""
+    return list(paste_functions())

@@ -6,15 +6,12 @@ from typing import Any
 from modules import script_callbacks, scripts, shared
 
 from lib_unetmods import restore_all
-from lib_unetmods.host import LOG_PREFIX, STATE_ATTR, Generation, begin_pass, on_cfg_denoiser, settings_from, write_infotext
-from lib_unetmods.ui import build, infotext_fields
+from lib_unetmods.host import (STATE_ATTR, Generation, begin_pass, on_cfg_denoiser, record_pass, settings_from,
+                               write_infotext)
+from lib_unetmods.ui import build, infotext_fields, paste_field_names
 from lib_unetmods.xyz import find_xyz_module, register
 
 _current: list[Generation] = []  # the generation whose sampling is under way (read by callbacks)
-
-
-def _log(message: str) -> None:
-    print(f"{LOG_PREFIX} {message}")
 
 
 class UNetModsScript(scripts.Script):
@@ -28,8 +25,8 @@ class UNetModsScript(scripts.Script):
 
     def ui(self, is_img2img: bool) -> list[Any]:
         components = build(self.elem_id)
-        self.infotext_fields = infotext_fields(components, _log)
-        self.paste_field_names = []
+        self.infotext_fields = infotext_fields(components)
+        self.paste_field_names = paste_field_names()
         return components
 
     def before_process(self, p: Any, *args: Any) -> None:
@@ -39,7 +36,8 @@ class UNetModsScript(scripts.Script):
         generation = Generation(settings_from(p, args))
         setattr(p, STATE_ATTR, generation)
         generation.report(p, generation.settings.errors)
-        write_infotext(p, generation.settings)
+        # what was asked for (params.txt is written before sampling); each pass replaces it by what acted
+        write_infotext(p, generation.settings.infotext(), generation)
 
     def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None:
         generation = getattr(p, STATE_ATTR, None)
@@ -49,6 +47,7 @@ class UNetModsScript(scripts.Script):
         x = kwargs.get("x")
         begin_pass(p, generation, tuple(x.shape) if x is not None else None,
                    fix_steps=bool(getattr(shared.opts, "img2img_fix_steps", False)), custom_unet=_custom_unet_active())
+        record_pass(p, generation, bool(getattr(p, "is_hr_pass", False)), generation.applied)
         _current[:] = [generation]
 
     def postprocess_batch(self, p: Any, *args: Any, **kwargs: Any) -> None:
@@ -77,7 +76,10 @@ def _cfg_denoiser(params: Any) -> None:
     on_cfg_denoiser(_current[0] if _current else None, params)
 
 
-def _before_ui() -> None:
+def _register_xyz() -> None:
+    """Add our XYZ axes (once per xyz_grid module). At import: the WebUI loads its own scripts,
+    xyz_grid among them, before extensions, and with --nowebui it builds the script UIs before
+    on_before_ui runs. on_before_ui as well, for a host that loads xyz_grid after us."""
     module = find_xyz_module(scripts.scripts_data)
     if module is not None:
         register(module)
@@ -89,6 +91,7 @@ def _unload() -> None:
 
 
 script_callbacks.on_cfg_denoiser(_cfg_denoiser)
-script_callbacks.on_before_ui(_before_ui)
+script_callbacks.on_before_ui(_register_xyz)
 script_callbacks.on_model_loaded(lambda sd_model: restore_all())
 script_callbacks.on_script_unloaded(_unload)
+_register_xyz()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lib_unetmods import Settings, StepClock, apply_mods
-from lib_unetmods.composition import resolve_conflicts
+from lib_unetmods.composition import PassInfo, resolve_conflicts
 from lib_unetmods.random_unets import webui_cat_fix
 from lib_unetmods.techniques import SPECS
 from lib_unetmods.unet_map import map_unet
@@ -31,10 +31,10 @@ def test_every_pair_runs_or_is_resolved_with_a_message(pair, make_unet, make_inp
     inputs = make_inputs(unet, batch=2, height=32, width=40)
     before = snapshot(unet)
     settings = Settings.from_text("; ".join(ACTIVE[t] for t in pair), strict=True)
-    resolved, notes = resolve_conflicts(settings, map_unet(unet))
     clock = StepClock()
     clock.start(4)
     clock.set_layout(1, 1)
+    resolved, notes = resolve_conflicts(settings, map_unet(unet), PassInfo(clock, tuple(inputs["x"].shape)))
     applied = apply_mods(unet, settings, clock, latent_shape=tuple(inputs["x"].shape))
     try:
         assert applied.messages[:len(notes)] == notes
@@ -47,8 +47,10 @@ def test_every_pair_runs_or_is_resolved_with_a_message(pair, make_unet, make_inp
         applied.restore()
     assert_restored(unet, before)
     for tid in pair:  # a technique that is still on is installed, one that is off says why
-        skipped = any(m.startswith(f"{SPECS[tid].title} skipped") for m in applied.messages)
-        assert (tid in applied.applied) != (skipped or not resolved[tid]["enabled"]), (tid, applied.messages)
+        title = SPECS[tid].title
+        said_why = any(m.startswith(f"{title} skipped") or (m.startswith(f"{title}:") and m.endswith("nothing to do"))
+                       for m in applied.messages)
+        assert (tid in applied.applied) != (said_why or not resolved[tid]["enabled"]), (tid, applied.messages)
 
 
 @pytest.mark.parametrize("other,level,expected", [

@@ -1,20 +1,17 @@
 """The script in a stand-in of the WebUI (tests/webui): call order, hires pass (A1111 and Forge's
 double call), batch count, img2img, interruption, exceptions, infotext, API, XYZ."""
-import copy
 import os
 import sys
 
 import pytest
 import torch
 
-WEBUI = os.path.join(os.path.dirname(os.path.abspath(__file__)), "webui")
-sys.path.insert(0, WEBUI)
+from webui_run import args_for, clean_state, make_runner, script_module, txt2img, xyz_grid  # noqa: F401
 
 from modules import infotext_utils, processing, script_callbacks, scripts  # noqa: E402
 from modules.shared import opts, state  # noqa: E402
 from sd_model import FakeSDModel  # noqa: E402
 
-import xyz_grid  # noqa: E402
 from lib_unetmods import Settings  # noqa: E402
 from lib_unetmods.host import STATE_ATTR  # noqa: E402
 from lib_unetmods.patcher import ACTIVE  # noqa: E402
@@ -25,38 +22,6 @@ from settings_cases import every_param_changed  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FREEU = "freeu version=v1 b1=1.3 s1=0.7 b2=1.2 s2=0.5"
-
-
-@pytest.fixture(scope="module")
-def script_module():
-    module = scripts.load_script(os.path.join(ROOT, "scripts", "unetmods.py"))
-    scripts.scripts_data.append(scripts.ScriptClassData(type("XYZ", (), {"__module__": "xyz_grid.py"}), "", "", xyz_grid))
-    yield module
-    script_callbacks.script_unloaded_callback()
-
-
-@pytest.fixture(autouse=True)
-def clean_state():
-    state.interrupted = state.skipped = False
-    opts.token_merging_ratio = opts.token_merging_ratio_hr = 0.0
-    yield
-    state.interrupted = state.skipped = False
-
-
-def make_runner(script_module, forge=False, img2img=False):
-    runner = scripts.ScriptRunner([script_module.UNetModsScript()], forge=forge)
-    inputs = runner.setup_ui(img2img)
-    return runner, inputs
-
-
-def args_for(settings):
-    return [None, *settings.to_args()]
-
-
-def txt2img(unet, runner, settings_or_args, **kwargs):
-    args = settings_or_args if isinstance(settings_or_args, list) else args_for(settings_or_args)
-    model = FakeSDModel(unet, is_sdxl=unet.num_classes is not None)
-    return processing.StableDiffusionProcessingTxt2Img(model, runner, args, **kwargs)
 
 
 def test_ui_builds_one_accordion_per_technique_in_arg_order(script_module):
@@ -243,7 +208,7 @@ def test_api_dict_and_bad_values_do_not_stop_generation(script_module, make_unet
     assert "freeu.enabled" in " ".join(p.comments)
 
 
-def test_xyz_axes_cells_and_shared_infotext(script_module, make_unet):
+def test_xyz_axes_cells_and_shared_infotext(script_module, xyz_grid, make_unet):
     script_callbacks.before_ui_callback()
     script_callbacks.before_ui_callback()  # registering twice adds nothing
     labels = [a.label for a in xyz_grid.axis_options]

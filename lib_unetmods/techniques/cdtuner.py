@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from ..params import Param, TechniqueSpec
+from ..params import Param, TechniqueSpec, auto_values_param
 from ..sampler import TRAIN_SIGMAS
 
 K_SHIFT = 0.02 * 20 / 3  # latent units per slider unit of the one-time shift (A2.4)
@@ -70,6 +70,7 @@ SPEC = TechniqueSpec(
     description="Adjusts the amount of detail, contrast, brightness, colour tone and saturation during generation.",
     params=(
         Param("enabled", "bool", False, "CD Tuner", "Enable CD Tuner (every value 0 changes nothing)."),
+        auto_values_param("CD Tuner"),
         _slider("d1", "Detail (d1)", "Scales the UNet's input conv: positive adds detail and noise, negative flattens (SD2 may react the other way).", 10),
         _slider("d2", "Detail 2 (d2)", "Scales the UNet's final GroupNorm: positive adds detail, negative flattens; gentler on composition than d1.", 10),
         _slider("con1", "Contrast (con1)", "Adds to the final conv's bias of latent channel 0 during sampling: contrast and detail.", 20),

@@ -101,6 +101,22 @@ def noise_level(call: UNetCall) -> float | None:
     return call.clock.sigma
 
 
+def planned_full_steps(values: dict[str, Any], total: int) -> tuple[frozenset[int], str | None]:
+    """full_steps for the settings, falling back to the uniform schedule (with a note) where the
+    non-uniform curve cannot place the full steps."""
+    try:
+        return full_steps(total, values["interval"], values["schedule"], values["center"], values["pow"]), None
+    except ValueError as e:
+        return full_steps(total, values["interval"], "uniform"), f"{e}; using the uniform schedule"
+
+
+def cheap_steps(values: dict[str, Any], clock: Any) -> list[int]:
+    """The steps of the clock's pass that the schedule and the window make cheap (before the
+    cache checks, which may still run a cheap step in full)."""
+    full = planned_full_steps(values, clock.total_steps)[0]
+    return [s for s in clock.window_steps(values["start"], values["end"]) if s not in full]
+
+
 # --- the cache -----------------------------------------------------------------------------
 
 @dataclass
@@ -171,11 +187,15 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
     if foreign_forward(ctx.unet) is not None:
         raise Refused("another extension (ControlNet?) replaced the UNet forward; skipping blocks would drop "
                       "its residuals, so DeepCache is off for this pass")
+    clock = ctx.clock
+    if not cheap_steps(values, clock):
+        ctx.warn(f"no step of this {clock.total_steps}-step pass is cheap (interval {values['interval']}, "
+                 "start/end window); nothing to do")
+        return
     num_inputs, num_outputs = len(ctx.map.inputs), len(ctx.map.outputs)
     last_input, first_output = shallow_range(values["level"], num_inputs, num_outputs)
     if last_input != values["level"]:
         ctx.warn(f"level {values['level']} is deeper than this model allows; using {last_input}")
-    clock = ctx.clock
     if clock.total_steps < FEW_STEPS:
         ctx.warn(f"only {clock.total_steps} steps in this pass: DeepCache saves little and costs quality "
                  f"with fewer than {FEW_STEPS} steps (or with few-step models and samplers)")
@@ -183,11 +203,9 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
 
     def plan(total: int) -> frozenset[int]:
         if total not in plans:
-            try:
-                plans[total] = full_steps(total, values["interval"], values["schedule"], values["center"], values["pow"])
-            except ValueError as e:
-                ctx.warn(f"{e}; using the uniform schedule")
-                plans[total] = full_steps(total, values["interval"], "uniform")
+            plans[total], note = planned_full_steps(values, total)
+            if note:
+                ctx.warn(note)
         return plans[total]
 
     plan(clock.total_steps)

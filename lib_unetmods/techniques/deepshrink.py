@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..forward import Refused
-from ..params import Param, TechniqueSpec
+from ..params import Param, TechniqueSpec, auto_values_param
 
 METHODS = ("bicubic", "bilinear", "nearest-exact", "nearest", "area", "bislerp")
 
@@ -38,6 +38,7 @@ SPEC = TechniqueSpec(
                 "against duplicated subjects above the native resolution; also faster.",
     params=(
         Param("enabled", "bool", False, "Deep Shrink", "Enable Deep Shrink (Kohya hires fix)."),
+        auto_values_param("Deep Shrink"),
         Param("block", "int", 3, "Block number",
               "ldm input block after which h is shrunk (SD1/SD2: 1-11, SDXL: 1-8); 3 = the first downsample.",
               1, 11, 1),

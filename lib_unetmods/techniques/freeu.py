@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..params import Param, TechniqueSpec
+from ..params import Param, TechniqueSpec, auto_values_param
 
 STAGES = (1, 2, 3)  # stage n acts where h has model_channels * 2**(3-n) channels
 
@@ -55,6 +55,7 @@ SPEC = TechniqueSpec(
     description="Re-weights the decoder's backbone and skip features for more detail and coherence, at almost no cost.",
     params=(
         Param("enabled", "bool", False, "FreeU", "Enable FreeU."),
+        auto_values_param("FreeU"),
         Param("version", "choice", "v2", "Version",
               "v2 scales each position by how active it is (README since Oct 2023, Forge); v1 scales uniformly (paper release, diffusers).",
               choices=("v1", "v2")),

@@ -300,7 +300,9 @@ def _apply_rau_net(ctx: Any, values: dict[str, Any]) -> None:
     if ctx.latent_shape is not None and values["auto"] and not values["custom_windows"]:
         h, w = ctx.latent_shape[-2:]
         if h * w <= NATIVE_SIDE[umap.family] ** 2:
-            ctx.warn(f"RAU-Net is not needed at {w * 8}x{h * 8} (at or below the native size); only MSW-MSA runs")
+            ctx.warn(f"RAU-Net is not needed at {w * 8}x{h * 8} (at or below the native size)"
+                     + ("; only MSW-MSA runs" if values["msw_msa"] else "; nothing to do"))
+            return
     current: list[UNetCall | None] = [None]
 
     def begin(call: UNetCall) -> None:

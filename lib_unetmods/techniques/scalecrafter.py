@@ -355,8 +355,7 @@ class Runtime:
 
     def plan(self, size: tuple[int, int]) -> Plan:
         if size not in self.plans:
-            ratio = size[0] * size[1] * 64 / self.native ** 2
-            self.plans[size] = make_plan(self.ctx.map.family, self.ctx.map.num_levels, self.convs, ratio, self.values)
+            self.plans[size] = plan_for(self.ctx.map, self.values, size, self.convs)
         return self.plans[size]
 
     def factors(self) -> dict[str, tuple[float, bool]]:
@@ -411,10 +410,21 @@ class Runtime:
             self.ctx.messages.append(f"{SPEC.title}: {message}")
 
 
+def conv_names(umap: Any) -> dict[str, str]:
+    """ldm name -> diffusers name of the 3x3 convs the reference's tables address."""
+    return {name: dn for name, _, _ in umap.convs3x3 if (dn := diffusers_name(name))}
+
+
+def plan_for(umap: Any, values: Mapping[str, Any], size: tuple[int, ...], convs: dict[str, str] | None = None) -> Plan:
+    """The plan for a latent of `size` (h, w); inactive at or below the native pixel count."""
+    ratio = size[0] * size[1] * 64 / native_size(umap.family, values) ** 2
+    return make_plan(umap.family, umap.num_levels, conv_names(umap) if convs is None else convs, ratio, values)
+
+
 def apply(ctx: Any, values: dict[str, Any]) -> None:
     if ctx.hires and not values["hires"]:
         return
-    convs = {name: dn for name, _, _ in ctx.map.convs3x3 if (dn := diffusers_name(name))}
+    convs = conv_names(ctx.map)
     if not convs:
         raise Refused("no ResBlock / Downsample / Upsample 3x3 convs found")
     install(ctx, Runtime(ctx, values, convs))

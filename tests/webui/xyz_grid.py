@@ -1,6 +1,10 @@
-"""Stand-in for scripts/xyz_grid.py: AxisOption, axis_options, and a cell runner that
+"""Stand-in for scripts/xyz_grid.py, loaded as a WebUI script (module name "xyz_grid.py"):
+AxisOption, axis_options, the script whose ui() takes its axis list from axis_options as the
+real one does (so axes added after its ui() never reach it), and a cell runner that
 shallow-copies p and applies the axis value just before processing, as the real grid does."""
 from copy import copy
+
+from modules import scripts
 
 
 class AxisOption:
@@ -10,6 +14,18 @@ class AxisOption:
 
 
 axis_options: list[AxisOption] = []
+
+
+class Script(scripts.Script):
+    def title(self):
+        return "X/Y/Z plot"
+
+    def show(self, is_img2img):
+        return True  # a selectable script, not AlwaysVisible
+
+    def ui(self, is_img2img):
+        self.current_axis_options = list(axis_options)  # the X/Y/Z type dropdowns' choices
+        return []
 
 
 def run_cells(p, axis, values, process_images):

@@ -44,3 +44,10 @@ class Markdown(Component): ...
 
 def update(**kwargs: Any) -> dict[str, Any]:
     return {"__type__": "update", **kwargs}
+
+
+warnings: list[str] = []  # what gr.Warning showed (a toast in the real gradio)
+
+
+def Warning(message: str = "") -> None:  # noqa: A001 - gradio's name
+    warnings.append(message)

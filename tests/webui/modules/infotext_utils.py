@@ -38,3 +38,11 @@ def paste(infotext_fields, params):
             continue
         out[component] = val
     return out
+
+
+def send_to(source_fields, target_fields, paste_field_names):
+    """"Send to txt2img/img2img" (connect_paste_params_buttons): the fields of both tabs whose
+    infotext target is in paste_field_names, paired in order (Prompt, Steps... left out here)."""
+    inputs = [field for field, name in source_fields if name in paste_field_names]
+    outputs = [field for field, name in target_fields if name in paste_field_names]
+    return inputs, outputs

@@ -18,6 +18,12 @@ class CFGDenoiserParams:
     denoiser: Any = None
 
 
+def clear_callbacks():
+    """What the WebUI does before (re)loading the scripts."""
+    for registered in callbacks.values():
+        registered.clear()
+
+
 def _run(name, *args):
     for fn in list(callbacks[name]):
         try:

@@ -53,6 +53,8 @@ class ScriptRunner:
         self.alwayson_scripts = scripts
         self.forge = forge
         self.calls: list[str] = []
+        self.infotext_fields: list[Any] = []
+        self.paste_field_names: list[Any] = []
 
     def setup_ui(self, is_img2img: bool) -> list[Any]:
         inputs: list[Any] = [None]  # slot 0: the selectable-script dropdown
@@ -61,6 +63,8 @@ class ScriptRunner:
             controls = script.ui(is_img2img)
             script.args_from, script.args_to = len(inputs), len(inputs) + len(controls)
             inputs += controls
+            self.infotext_fields += script.infotext_fields or []
+            self.paste_field_names += script.paste_field_names or []
         return inputs
 
     def _run(self, name: str, p: Any, *extra: Any, **kwargs: Any) -> None:
