@@ -256,3 +256,16 @@ def test_auto_values_change_the_image(make_unet, make_inputs):
         finally:
             applied.restore()
     assert not torch.equal(*outs)
+
+
+def test_deepcache_level_is_kept_where_deep_shrink_does_not_act(make_unet):
+    """Deep Shrink stays out of the hires pass by default: there DeepCache keeps its level."""
+    umap = map_unet(make_unet("sd15"))
+    settings = Settings.from_text("deepcache level=5 hires=true; deepshrink block=3", strict=True)
+    levels = {}
+    for hires in (False, True):
+        clock = StepClock()
+        clock.start(20, hires=hires)
+        resolved, notes = resolve_conflicts(settings, umap, PassInfo(clock, (1, 4, 8, 8)))
+        levels[hires] = (resolved["deepcache"]["level"], len(notes))
+    assert levels == {False: (2, 1), True: (5, 0)}
