@@ -183,7 +183,7 @@ def _tome_acts(values: dict, umap: UNetMap, where: PassInfo) -> bool:
 
 _ACTS: dict[str, Callable[[dict, UNetMap, PassInfo], bool]] = {
     "tome": _tome_acts,
-    "hypertile": lambda v, m, w: bool(v["hires" if w.clock is not None and w.clock.hires else "first_pass"]),
+    "hypertile": lambda v, m, w: bool(v["first_pass"] or v["hires"] if w.clock is None else v["hires" if w.clock.hires else "first_pass"]),
     "deepcache": lambda v, m, w: w.clock is None or bool(deepcache.cheap_steps(v, w.clock)),
     "scalecrafter": _scalecrafter_acts,
     "deepshrink": _deepshrink_acts,
@@ -208,15 +208,11 @@ def acting(settings: Settings, umap: UNetMap, where: PassInfo) -> set[str]:
     return out
 
 
-def _hidiffusion_left(before: dict, after: dict) -> tuple[bool, str | None]:
-    """After the rules: HiDiffusion off when they took both of its parts, and a note saying
-    which part still runs when they took one."""
-    if all(after[part] == before[part] for part in ("rau_net", "msw_msa")):
-        return True, None
+def _hidiffusion_left(after: dict) -> tuple[bool, str]:
+    """After rules took part of HiDiffusion: whether it stays on, and what is left of it."""
     if not (after["rau_net"] or after["msw_msa"]):
-        return False, "HiDiffusion is off for this pass: nothing is left of it after the rules above."
-    left = "MSW-MSA" if after["msw_msa"] else "RAU-Net"
-    return True, f"HiDiffusion runs with {left} only."
+        return False, "Nothing is left of HiDiffusion: it is off for this pass."
+    return True, f"HiDiffusion runs with {'MSW-MSA' if after['msw_msa'] else 'RAU-Net'} only."
 
 
 def resolve_conflicts(settings: Settings, umap: UNetMap, where: PassInfo | None = None) -> tuple[Settings, list[str]]:
@@ -224,16 +220,18 @@ def resolve_conflicts(settings: Settings, umap: UNetMap, where: PassInfo | None 
     Without `where`, every enabled technique is assumed to act."""
     where = where or PassInfo()
     settings = settings.copy()
-    hidiffusion_before = dict(settings["hidiffusion"]) if "hidiffusion" in settings.values else None
     notes: list[str] = []
+    took_hidiffusion = None  # index of the last note that took a part of HiDiffusion
     for rule in RULES:
         live = acting(settings, umap, where)
         if all(t in live for t in (*rule.techniques, *rule.parts)) and rule.applies(settings, umap):
+            before = dict(settings.values.get("hidiffusion", {}))
             rule.resolve(settings, umap)
             if rule.policy not in notes:
                 notes.append(rule.policy)
-    if hidiffusion_before is not None and hidiffusion_before["enabled"]:
-        still_on, note = _hidiffusion_left(hidiffusion_before, settings["hidiffusion"])
-        settings["hidiffusion"]["enabled"] = still_on
-        notes += [note] if note else []
+            if before and settings["hidiffusion"] != before:
+                took_hidiffusion = notes.index(rule.policy)
+    if took_hidiffusion is not None:  # say what is left of it in the same note, not in a contradicting one
+        settings["hidiffusion"]["enabled"], left = _hidiffusion_left(settings["hidiffusion"])
+        notes[took_hidiffusion] += f" {left}"
     return settings, notes

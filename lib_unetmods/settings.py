@@ -10,7 +10,7 @@ import copy
 import re
 from typing import Any, Iterable, Mapping
 
-from .params import BOOL_FALSE, BOOL_TRUE, INFOTEXT_PREFIX, MESSAGES_KEY, ParamError, TechniqueSpec
+from .params import INFOTEXT_PREFIX, MESSAGES_KEY, ParamError, TechniqueSpec
 from .techniques import SPECS
 
 API_SHAPE = "expected a dict of techniques {technique: {param: value}} as the only argument, or the UI's positional values"
@@ -154,11 +154,12 @@ def unknown_keys(params: Mapping[str, Any]) -> list[str]:
 
 def _is_switch(value: Any) -> bool:
     """Could `value` be the first positional argument (the first technique's on/off switch)?"""
-    if isinstance(value, bool):
-        return True
-    if isinstance(value, str):
-        return value.strip().lower() in BOOL_TRUE | BOOL_FALSE
-    return isinstance(value, (int, float)) and value in (0, 1)
+    tid, name = arg_layout()[0]
+    try:
+        SPECS[tid].param(name).coerce(value)
+    except ParamError:
+        return False
+    return True
 
 
 def spec_of(tid: str) -> TechniqueSpec:

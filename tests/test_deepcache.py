@@ -169,7 +169,8 @@ def test_interval_1_is_bit_identical_and_restores(tiny_unet):
     before = snapshot(tiny_unet)
     clock.start(4)
     applied = apply_mods(tiny_unet, dc("interval=1 level=2 schedule=nonuniform"), clock)
-    assert applied.applied == ["deepcache"]
+    assert applied.applied == [] and applied.patcher is None  # no cheap step: nothing installed, no infotext key
+    assert applied.messages[-1].endswith("nothing to do")
     assert torch.equal(euler_sample(tiny_unet, noise, cond, uncond, 4, clock, y=y), expected)
     clock.start(4)
     applied = apply_mods(tiny_unet, dc("interval=2"), clock)

@@ -293,7 +293,9 @@ def test_composition_rules(make_unet, arch, other, rau_net, msw_msa):
 
 def test_deep_shrink_wins_in_apply(make_unet):
     unet = make_unet("sd15")
-    applied = apply_mods(unet, Settings.from_text("hidiffusion; deepshrink"), StepClock())
+    clock = StepClock()
+    clock.start(10)  # Deep Shrink acts in the first 3 of 10 steps (a 1-step pass gives it nothing to do)
+    applied = apply_mods(unet, Settings.from_text("hidiffusion; deepshrink"), clock)
     assert "Deep Shrink wins" in applied.messages[0]
     assert "forward" not in unet.input_blocks[3][0].__dict__  # no RAD
     assert "forward" in hd.msw_layers(map_unet(unet))[0].module.__dict__  # MSW-MSA still on

@@ -75,7 +75,7 @@ def test_scalecrafter_at_native_size_leaves_deep_shrink_alone(script_module, mak
     assert set(ours(params)) == {SPECS["deepshrink"].infotext_key, SPECS["hidiffusion"].infotext_key}
     # Deep Shrink wins over RAU-Net: the infotext records RAU-Net off, and pasting it reproduces that
     assert "rau_net=false" in params[SPECS["hidiffusion"].infotext_key]
-    assert said.count("HiDiffusion runs with MSW-MSA only.") == 1
+    assert sum("HiDiffusion runs with MSW-MSA only." in m for m in said) == 1
 
 
 def test_scalecrafter_above_native_size_switches_the_others_off(make_unet):
@@ -87,8 +87,8 @@ def test_scalecrafter_above_native_size_switches_the_others_off(make_unet):
     large, notes_large = resolve_conflicts(settings, unet_map, PassInfo(clock, (1, 4, 128, 128)))
     assert small["deepshrink"]["enabled"] and small["hidiffusion"]["rau_net"] and not notes_small
     assert not large["deepshrink"]["enabled"] and not large["hidiffusion"]["rau_net"]
-    assert len(notes_large) == len(set(notes_large)) == 3  # two rules and HiDiffusion's remainder, each once
-    assert notes_large[-1] == "HiDiffusion runs with MSW-MSA only."
+    assert len(notes_large) == 2  # the two ScaleCrafter rules; Deep Shrink vs RAU-Net has nothing left to do
+    assert notes_large[-1].endswith("RAU-Net is turned off while ScaleCrafter acts. HiDiffusion runs with MSW-MSA only.")
 
 
 def test_messages_do_not_contradict_the_rules(make_unet):
@@ -100,7 +100,7 @@ def test_messages_do_not_contradict_the_rules(make_unet):
     resolved, notes = resolve_conflicts(settings, map_unet(unet), PassInfo(clock, (1, 4, 64, 64)))
     assert not resolved["hidiffusion"]["enabled"]
     assert not any("still runs" in n for n in notes)
-    assert notes[-1].startswith("HiDiffusion is off for this pass")
+    assert notes[-1].endswith("MSW-MSA is off. Nothing is left of HiDiffusion: it is off for this pass.")
     applied = apply_mods(unet, settings, clock, latent_shape=(1, 4, 64, 64))
     applied.restore()
     assert "hidiffusion" not in applied.applied
