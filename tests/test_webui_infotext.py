@@ -4,7 +4,7 @@ for API clients), paste-back of unknown keys, the API's argument shapes, Send-to
 import pytest
 import torch
 
-from webui_run import SCRIPT, args_for, clean_state, make_runner, script_module, txt2img  # noqa: F401
+from webui_run import SCRIPT, clean_state, make_runner, script_module, txt2img  # noqa: F401
 
 import gradio
 import webui
@@ -151,7 +151,7 @@ def test_hires_pass_is_recorded_by_the_pass_switches(script_module, make_unet):
     assert ran_infotext({False: {}}) == {}
 
 
-def test_batches_and_xyz_cells_rewrite_the_keys(script_module, make_unet):
+def test_every_batch_records_what_acted(script_module, make_unet):
     unet = make_unet("sd15")
     p, processed, _ = run(unet, script_module, "freeu; deepcache interval=1", n_iter=2)
     for text in processed.infotexts:
