@@ -153,6 +153,33 @@ def test_restore_is_exact(make_unet, make_inputs):
     assert torch.equal(unet(**inputs), expected)
 
 
+def test_a_forward_that_raises_leaves_no_call_state_behind(make_unet, make_inputs):
+    """An exception inside the UNet (an interrupt, another extension) must not leave the Upsample
+    wrappers bound to the dead call: they would resize to its skip sizes and keep its tensors."""
+    unet = make_unet("sd15")
+    inputs = make_inputs(unet, batch=2, height=16, width=24)
+    upsample = unet.output_blocks[2][-1]
+    y = torch.randn(1, upsample.channels, 3, 3)
+    plain_up = upsample(y)
+    clock = StepClock()
+    clock.start(10)
+    applied = apply_mods(unet, Settings.from_text(ALL_ON), clock, seed=2)
+    try:
+        expected = unet(**inputs)
+
+        def fail(module, args, out):
+            raise RuntimeError("boom")
+
+        handle = unet.output_blocks[5].register_forward_hook(fail)  # after output 2's Upsample ran
+        with pytest.raises(RuntimeError, match="boom"):
+            unet(**inputs)
+        handle.remove()
+        assert torch.equal(upsample(y), plain_up)  # outside a UNet call: the plain x2, not the dead call's sizes
+        assert torch.equal(unet(**inputs), expected)
+    finally:
+        applied.restore()
+
+
 def test_shifts_use_a_private_generator_seeded_by_the_image_seed(make_unet, make_inputs):
     unet = make_unet("sd15")
     inputs = make_inputs(unet, batch=1, height=16, width=16)
