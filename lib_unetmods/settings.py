@@ -10,6 +10,7 @@ import copy
 from typing import Any, Iterable, Mapping
 
 from .params import ParamError, TechniqueSpec
+from .stacks import stack_settings
 from .techniques import SPECS
 
 
@@ -88,9 +89,16 @@ class Settings:
         return "; ".join(f"{tid} {SPECS[tid].to_text(self.values[tid])}" for tid in self.enabled_ids())
 
     @classmethod
-    def from_text(cls, text: str, strict: bool = False) -> "Settings":
+    def from_text(cls, text: str, strict: bool = False, family: str | None = None) -> "Settings":
+        """`stack=NAME` expands a one-click stack (stacks.py) for `family`; later parts override it."""
         settings = cls()
         for part in filter(None, (s.strip() for s in text.split(";"))):
+            if part.startswith("stack="):
+                try:
+                    settings.update_from_dict(stack_settings(part[6:], family or ""))
+                except ValueError as e:
+                    settings.errors.append(str(e) if family else f"{part}: the model family is needed to expand a stack")
+                continue
             tid, _, rest = part.partition(" ")
             spec = SPECS.get(tid)
             if spec is None:
