@@ -171,7 +171,11 @@ def _follow_sampler_steps(p: Any, generation: Generation) -> None:
     after the step's model calls), so second-order samplers count steps, not UNet calls."""
     sampler = getattr(p, "sampler", None)
     callback = getattr(sampler, "callback_state", None)
-    if generation.applied is None or generation.applied.patcher is None or not callable(callback):
+    if generation.applied is None or generation.applied.patcher is None:
+        return
+    if not callable(callback):
+        generation.report(p, [f"the sampler ({type(sampler).__name__}) has no per-step callback: step windows and "
+                              "schedules follow only the WebUI's step counter, which such a sampler may leave at step 0"])
         return
     clock = generation.clock
 

@@ -11,6 +11,7 @@ import re
 from typing import Any, Iterable, Mapping
 
 from .params import INFOTEXT_PREFIX, MESSAGES_KEY, ParamError, TechniqueSpec
+from .stacks import stack_settings
 from .techniques import SPECS
 
 API_SHAPE = "expected a dict of techniques {technique: {param: value}} as the only argument, or the UI's positional values"
@@ -95,9 +96,16 @@ class Settings:
         return "; ".join(f"{tid} {SPECS[tid].to_text(self.values[tid])}" for tid in self.enabled_ids())
 
     @classmethod
-    def from_text(cls, text: str, strict: bool = False) -> "Settings":
+    def from_text(cls, text: str, strict: bool = False, family: str | None = None) -> "Settings":
+        """`stack=NAME` expands a one-click stack (stacks.py) for `family`; later parts override it."""
         settings = cls()
         for part in filter(None, (s.strip() for s in text.split(";"))):
+            if part.startswith("stack="):
+                try:
+                    settings.update_from_dict(stack_settings(part[6:], family or ""))
+                except ValueError as e:
+                    settings.errors.append(str(e) if family else f"{part}: the model family is needed to expand a stack")
+                continue
             tid, _, rest = part.partition(" ")
             spec = SPECS.get(tid)
             if spec is None:

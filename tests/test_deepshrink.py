@@ -278,8 +278,13 @@ def test_presets_and_recommended():
 
 # --- interpolation methods, bislerp ------------------------------------------------------------
 
-def naive_bislerp(x, size):
-    """Per-pixel loops: slerp of channel vectors along the width, then along the height."""
+def comfy_bislerp(x, size):
+    """An independent reading of ComfyUI's `bislerp` (comfy/utils.py), written from its formula with
+    per-pixel loops in float64: along the width, then the height, output index j of a side L -> L'
+    reads the bilinear source position p = clamp((j + 0.5) * L / L' - 0.5, 0, L - 1) and combines
+    the channel vectors a = x[floor(p)] and b = x[min(floor(p) + 1, L - 1)] with r = p - floor(p):
+    the unit directions (zero for a zero vector) are slerped and the norms lerped; where the
+    directions' cosine is above 1 - 1e-5 Comfy keeps a itself, below -1 + 1e-5 it lerps a and b."""
     def axis(t, n_out, along_w):
         n_in = t.shape[3] if along_w else t.shape[2]
         rows = []
@@ -295,30 +300,43 @@ def naive_bislerp(x, size):
 
     def one(a, b, w):
         na, nb = a.norm(), b.norm()
-        ua, ub = a / na, b / nb
-        cos = float((ua * ub).sum().clamp(-1, 1))
-        if abs(cos) > 1 - 1e-5:
+        ua = a / na if na > 0 else torch.zeros_like(a)
+        ub = b / nb if nb > 0 else torch.zeros_like(b)
+        cos = float((ua * ub).sum())
+        if cos > 1 - 1e-5:
+            return a
+        if cos < 1e-5 - 1:
             return (1 - w) * a + w * b
-        om = torch.tensor(cos).acos()
+        om = torch.tensor(cos, dtype=torch.float64).acos()
         return (torch.sin((1 - w) * om) * ua + torch.sin(w * om) * ub) / torch.sin(om) * ((1 - w) * na + w * nb)
 
     return axis(axis(x.double(), size[1], True), size[0], False).float()
 
 
-@pytest.mark.parametrize("size", [(7, 3), (2, 9), (4, 5)])
-def test_bislerp_matches_a_naive_loop(size):
+@pytest.mark.parametrize("size", [(7, 3), (2, 9), (4, 5), (8, 10), (1, 1)])
+def test_bislerp_matches_comfy(size):
     x = torch.randn(2, 6, 4, 5, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(ds.bislerp(x, size), naive_bislerp(x, size), rtol=1e-4, atol=1e-5)
+    x[0, :, 1, 2] = 0  # a zero vector: direction 0, as Comfy
+    torch.testing.assert_close(ds.bislerp(x, size), comfy_bislerp(x, size), rtol=1e-4, atol=1e-5)
+
+
+def test_bislerp_edge_cases_match_comfy():
+    g = torch.Generator().manual_seed(1)
+    # neighbours of one direction with different norms: Comfy keeps the first neighbour (not bilinear)
+    field = torch.randn(1, 8, 1, 1, generator=g) * (0.5 + torch.rand(1, 1, 5, 7, generator=g))
+    torch.testing.assert_close(ds.bislerp(field, (9, 4)), comfy_bislerp(field, (9, 4)), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ds.bislerp(field, (9, 4)), F.interpolate(field, size=(9, 4), mode="bilinear"), atol=1e-3)
+    # opposite directions: lerped
+    signs = torch.tensor([1.0, -1.0, 1.0]).view(1, 1, 1, 3)
+    opposite = torch.randn(1, 8, 1, 1, generator=g) * signs * torch.tensor([1.0, 2.0, 0.5]).view(1, 1, 1, 3)
+    torch.testing.assert_close(ds.bislerp(opposite, (1, 5)), comfy_bislerp(opposite, (1, 5)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ds.bislerp(opposite, (1, 5)), F.interpolate(opposite, size=(1, 5), mode="bilinear"))
 
 
 def test_bislerp_properties():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 8, 6, 6, generator=g)
     assert torch.equal(ds.resize(x, (6, 6), "bislerp"), x)
-    # a field of one direction with varying norm: slerp = lerp of the norms (= bilinear)
-    field = torch.randn(1, 8, 1, 1, generator=g) * torch.rand(1, 1, 5, 7, generator=g)
-    torch.testing.assert_close(ds.bislerp(field, (9, 4)),
-                               F.interpolate(field, size=(9, 4), mode="bilinear"), rtol=1e-5, atol=1e-6)
     # between unit vectors the norm stays 1 (bilinear would shrink it)
     unit = F.normalize(torch.randn(1, 8, 3, 3, generator=g), dim=1)
     torch.testing.assert_close(ds.bislerp(unit, (7, 5)).norm(dim=1), torch.ones(1, 7, 5))

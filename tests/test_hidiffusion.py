@@ -153,6 +153,33 @@ def test_restore_is_exact(make_unet, make_inputs):
     assert torch.equal(unet(**inputs), expected)
 
 
+def test_a_forward_that_raises_leaves_no_call_state_behind(make_unet, make_inputs):
+    """An exception inside the UNet (an interrupt, another extension) must not leave the Upsample
+    wrappers bound to the dead call: they would resize to its skip sizes and keep its tensors."""
+    unet = make_unet("sd15")
+    inputs = make_inputs(unet, batch=2, height=16, width=24)
+    upsample = unet.output_blocks[2][-1]
+    y = torch.randn(1, upsample.channels, 3, 3)
+    plain_up = upsample(y)
+    clock = StepClock()
+    clock.start(10)
+    applied = apply_mods(unet, Settings.from_text(ALL_ON), clock, seed=2)
+    try:
+        expected = unet(**inputs)
+
+        def fail(module, args, out):
+            raise RuntimeError("boom")
+
+        handle = unet.output_blocks[5].register_forward_hook(fail)  # after output 2's Upsample ran
+        with pytest.raises(RuntimeError, match="boom"):
+            unet(**inputs)
+        handle.remove()
+        assert torch.equal(upsample(y), plain_up)  # outside a UNet call: the plain x2, not the dead call's sizes
+        assert torch.equal(unet(**inputs), expected)
+    finally:
+        applied.restore()
+
+
 def test_shifts_use_a_private_generator_seeded_by_the_image_seed(make_unet, make_inputs):
     unet = make_unet("sd15")
     inputs = make_inputs(unet, batch=1, height=16, width=16)
@@ -304,12 +331,29 @@ def test_deep_shrink_wins_in_apply(make_unet):
 
 # --- parity with the reference package ----------------------------------------------------------
 
-def _diffusers_twin(unet):
+SDXL_DEPTH = (0, 2, 2)  # two transformer blocks at the windowed level, as the reference's SDXL key list names
+
+
+def _parity_unet(arch):
+    from lib_unetmods.random_unets import build_unet, randomize, set_transformer_depth
+
+    unet = build_unet(arch, "tiny", seed=1)
+    if arch == "sdxl":
+        for m in unet.modules():
+            if hasattr(m, "transformer_blocks"):
+                set_transformer_depth(m, SDXL_DEPTH[(m.in_channels // unet.model_channels).bit_length() - 1])
+        randomize(unet, 1)
+    return unet
+
+
+def _diffusers_twin(unet, arch):
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
-    from lib_unetmods.random_unets import _TINY
+    from lib_unetmods.random_unets import ADM_CHANNELS, _TINY
 
-    params = dict(_TINY["sd15"], in_channels=4, out_channels=4, num_res_blocks=2, transformer_depth=1)
+    params = dict(_TINY[arch], in_channels=4, out_channels=4, num_res_blocks=2, transformer_depth=1)
+    if arch == "sdxl":  # context_dim 64 makes the converter map label_emb(y) to class_embedding(class_labels)
+        params.update(transformer_depth=list(SDXL_DEPTH), num_classes="sequential", adm_in_channels=ADM_CHANNELS)
     config = {"model": {"params": {"unet_config": {"params": params},
                                    "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}}}}}
     checkpoint = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
@@ -321,35 +365,59 @@ def _diffusers_twin(unet):
     return twin.eval().requires_grad_(False)
 
 
-def test_parity_with_the_hidiffusion_package(make_unet, make_inputs, monkeypatch):
-    """Per step, with the same pinned shift: RAD+pool+MSW, RAD+MSW, MSW only (T1 0.6, T2 0.4, 5 steps).
-    Needs diffusers (<= 0.40, for hidiffusion 0.1.10's imports) next to the venv."""
+# (arch, latent H x W, reference table row and ratios, reference aggressive, MSW-MSA, our settings, steps).
+# 18x28 (SD1.5) and 40x56 (SDXL): the windowed maps have window sides 9/14 and 10/14, where k * (w // 4)
+# differs from (k * w) // 4, round(k * w / 4) and ceil; the pooled maps (5x7 after SD1.5's RAD, 19x27 on
+# SDXL) are odd, where avg_pool2d's ceil_mode changes the size. The reference falls back to a lossy resize
+# for odd windowed maps, so MSW-MSA is off where they are odd.
+PARITY_CASES = [
+    ("sd15", (16, 24), "sd15_1024", (0.6, 0.4), None, True, "auto=false t1=0.6 t2=0.4", 5),
+    ("sd15", (18, 28), "sd15_1024", (0.6, 0.4), None, True, "auto=false t1=0.6 t2=0.4", 5),
+    ("sd15", (17, 23), "sd15_1024", (0.6, 0.4), None, False, "auto=false t1=0.6 t2=0.4 msw_msa=false", 5),
+    # SDXL, aggressive: RAD/RAU (T2 blocks) for step 0 = int(8/50*7), then the pooled pair up to int(0.6*7)
+    ("sdxl", (40, 56), "sdxl_2048", (0.6, 0.0), True, True, "auto=false t1=0.6 aggressive=true", 7),
+    ("sdxl", (38, 54), "sdxl_2048", (0.6, 0.0), True, False, "auto=false t1=0.6 aggressive=true msw_msa=false", 7),
+    # SDXL, not aggressive: T1 drives the pooled pair and T2 the RAD/RAU pair (the swap against SD1.5)
+    ("sdxl", (40, 56), "sdxl_2048", (0.6, 0.4), False, True, "auto=false t1=0.6 t2=0.4", 5),
+    ("sdxl", (38, 54), "sdxl_2048", (0.6, 0.4), False, False, "auto=false t1=0.6 t2=0.4 msw_msa=false", 5),
+]
+
+
+@pytest.mark.parametrize("arch, hw, row, ratios, aggressive, msw, text, steps", PARITY_CASES)
+def test_parity_with_the_hidiffusion_package(make_inputs, monkeypatch, arch, hw, row, ratios, aggressive, msw, text, steps):
+    """Per step, with the same pinned shift k = step % 4, against the hidiffusion package on the
+    same weights. Needs diffusers (<= 0.40, for hidiffusion 0.1.10's imports) next to the venv."""
     pytest.importorskip("diffusers")
     ref_module = pytest.importorskip("hidiffusion.hidiffusion")
-    unet = make_unet("sd15")
-    twin = _diffusers_twin(unet)
-    steps = 5
-    twin.name_or_path = ""
+    unet = _parity_unet(arch)
+    twin = _diffusers_twin(unet, arch)
+    twin.name_or_path = "" if arch == "sd15" else "stabilityai/stable-diffusion-xl-base-1.0"
     twin._num_timesteps = steps
-    monkeypatch.setitem(ref_module.switching_threshold_ratio_dict, "sd15_1024", {"T1_ratio": 0.6, "T2_ratio": 0.4})
-    ref_module.apply_hidiffusion(twin)
-    inputs = make_inputs(unet, batch=2, height=16, width=24)
+    monkeypatch.setitem(ref_module.switching_threshold_ratio_dict, row, {"T1_ratio": ratios[0], "T2_ratio": ratios[1]})
+    if aggressive is not None:
+        monkeypatch.setattr(ref_module, "is_aggressive_raunet", aggressive)
+    inputs = make_inputs(unet, batch=2, height=hw[0], width=hw[1])
+    extra = {"class_labels": inputs["y"]} if inputs["y"] is not None else {}
+    plain = twin(inputs["x"], inputs["timesteps"], encoder_hidden_states=inputs["context"], **extra).sample
+    ref_module.apply_hidiffusion(twin, apply_window_attn=msw)
     clock = StepClock()
     clock.start(steps)
     rand = torch.rand
     with sdpa_attention():
-        applied = apply_mods(unet, Settings.from_text("hidiffusion auto=false t1=0.6 t2=0.4"), clock)
+        applied = apply_mods(unet, Settings.from_text(f"hidiffusion {text}", strict=True), clock)
+        assert applied.messages == []
         try:
             for step in range(steps):
                 k = step % 4
                 monkeypatch.setattr(hd, "shift_index", lambda *a, k=k: k)
                 monkeypatch.setattr(torch, "rand", lambda *a, k=k, **kw: torch.full((1,), (k + 0.5) / 4))
-                expected = twin(inputs["x"], inputs["timesteps"], encoder_hidden_states=inputs["context"]).sample
+                expected = twin(inputs["x"], inputs["timesteps"], encoder_hidden_states=inputs["context"], **extra).sample
                 monkeypatch.setattr(torch, "rand", rand)
                 clock.begin_step(step)
                 out = unet(**inputs)
                 assert ((out - expected).norm() / expected.norm()) < 1e-5, step
+                first = out if step == 0 else first
         finally:
             applied.restore()
             ref_module.remove_hidiffusion(twin)
-        assert not torch.allclose(unet(**inputs), expected, atol=1e-3)
+        assert not torch.allclose(first, plain, atol=1e-3)  # a RAU-Net stage ran at step 0: not a parity of no-ops

@@ -94,8 +94,8 @@ def _source_positions(n_in: int, n_out: int, device: torch.device) -> tuple[torc
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """Spherical interpolation of the vectors along `dim` (directions slerped, norms lerped);
-    linear where the two directions are (nearly) equal or opposite, where slerp is undefined."""
+    """Spherical interpolation of the vectors along `dim` (directions slerped, norms lerped). Where
+    slerp is undefined, as ComfyUI: nearly equal directions keep `a`, nearly opposite ones lerp."""
     na, nb = a.norm(dim=dim, keepdim=True), b.norm(dim=dim, keepdim=True)
     ua = torch.where(na > 0, a / na, 0.0)
     ub = torch.where(nb > 0, b / nb, 0.0)
@@ -104,7 +104,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor, dim: int = 1) -> to
     sin_omega = omega.sin()
     spherical = (((1 - t) * omega).sin() * ua + (t * omega).sin() * ub) / sin_omega * ((1 - t) * na + t * nb)
     linear = (1 - t) * a + t * b
-    return torch.where(dot.abs() > 1 - 1e-5, linear, spherical)
+    return torch.where(dot > 1 - 1e-5, a, torch.where(dot < 1e-5 - 1, linear, spherical))
 
 
 def bislerp(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -310,16 +310,15 @@ def _apply_rau_net(ctx: Any, values: dict[str, Any]) -> None:
         call.state[STATE_KEY] = sched.active(clock.step)
         current[0] = call
 
-    def end(out: torch.Tensor, call: UNetCall) -> torch.Tensor:
-        current[0] = None
-        return out
+    def drop(*_: Any) -> None:
+        current[0] = None  # also when the forward raises: no call's state outlives its forward
 
     def active() -> tuple[bool, bool]:
         call = current[0]
         return call.state[STATE_KEY] if call is not None else (False, False)
 
     ctx.hook("begin", begin)
-    ctx.hook("end", end)
+    ctx.patcher.add_handle(unet.register_forward_hook(drop, always_call=True), ctx.technique)
 
     downsample = _child(unet.input_blocks[rad_in], "Downsample")
     down_forward = downsample.forward
