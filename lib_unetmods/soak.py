@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 import time
 from types import ModuleType
@@ -38,6 +39,13 @@ def load_runner() -> ModuleType:
         raise SystemExit("a WebUI `modules` package is already imported; run the soak in its own Python process")
     sys.path.insert(0, TESTS)
     return importlib.import_module("soak_runner")
+
+
+def kind_of(problem: str) -> str:
+    """A problem without its numbers, for the tally: the error line of a traceback, or the first line."""
+    lines = [line for line in problem.strip().splitlines() if line.strip()]
+    line = lines[-1] if "Traceback" in problem else lines[0]
+    return re.sub(r"\d+", "N", line.strip())[:120]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,11 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     failures = leaks = 0
     outcomes: dict[str, int] = {}
     installed: dict[str, int] = {}
+    kinds: dict[str, list[int]] = {}  # problem kind -> run indices
     started = time.perf_counter()
     last_progress = started
     for done, index in enumerate(range(args.start, args.start + args.runs), 1):
         result = harness.run(runner.draw_case(args.seed, index, archs, large=not args.no_large))
         outcomes[result.outcome] = outcomes.get(result.outcome, 0) + 1
+        for problem in result.problems + result.leaks:
+            kinds.setdefault(kind_of(problem), []).append(index)
         for tid in set(result.installed):
             installed[tid] = installed.get(tid, 0) + 1
         failures += bool(result.problems)
@@ -97,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     print(f"outcomes: {', '.join(f'{k}={v}' for k, v in sorted(outcomes.items()))}; {elapsed:.0f} s, "
           f"{elapsed / args.runs:.2f} s/run")
-    print(f"runs in which each technique was installed: {', '.join(f'{k}={v}' for k, v in sorted(installed.items()))}")
+    print(f"runs in which each technique was applied (not refused): {', '.join(f'{k}={v}' for k, v in sorted(installed.items()))}")
+    for kind, indices in sorted(kinds.items(), key=lambda item: -len(item[1])):
+        print(f"{len(indices):>5} x {kind}   (runs {', '.join(map(str, indices[:10]))}{' ...' if len(indices) > 10 else ''})")
     print(f"runs={args.runs} failures={failures} leaks={leaks}")
     return 1 if failures or leaks else 0
 

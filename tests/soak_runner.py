@@ -137,11 +137,13 @@ def draw_value(param: Param, rng: random.Random) -> Any:
     return param.coerce(value)
 
 
-def draw_settings(rng: random.Random, family: str) -> Settings:
-    """A random subset of techniques (one to all), each from its defaults, its recommended
-    values or a preset, with some or all parameters drawn."""
+def draw_settings(rng: random.Random, family: str, include: str | None = None) -> Settings:
+    """A random subset of techniques (one to all, always with `include`), each from its defaults,
+    its recommended values or a preset, with some or all parameters drawn."""
     count = min(len(SPECS), 1 + int(rng.expovariate(0.6)))
     chosen = rng.sample(list(SPECS), count)
+    if include is not None and include not in chosen:
+        chosen.append(include)
     settings = Settings()
     for tid in chosen:
         spec = SPECS[tid]
@@ -211,8 +213,8 @@ def draw_latent(rng: random.Random) -> tuple[int, int]:
             return h, w
 
 
-def draw_case(seed: int, index: int, archs: tuple[str, ...] = ARCHS, large: bool = True) -> Case:
-    """Run `index` of soak `seed`; the same (seed, index, archs, large) always gives the same case."""
+def draw_case(seed: int, index: int, archs: tuple[str, ...] = ARCHS, large: bool = True, include: str | None = None) -> Case:
+    """Run `index` of soak `seed`; the same arguments always give the same case."""
     rng = random.Random(f"unetmods-soak-{seed}-{index}")
     arch = rng.choice(archs)
     img2img = rng.random() < 0.25
@@ -223,7 +225,7 @@ def draw_case(seed: int, index: int, archs: tuple[str, ...] = ARCHS, large: bool
         kind = rng.choice(("interrupt", "skip", "raise"))
         inject = (kind, rng.randint(1, 6), rng.choice(("", "input_blocks.4", "middle_block", "output_blocks.3", "output_blocks.8")))
     case = Case(
-        index=index, seed=seed, arch=arch, settings=draw_settings(rng, FAMILY[arch]),
+        index=index, seed=seed, arch=arch, settings=draw_settings(rng, FAMILY[arch], include),
         route="api" if rng.random() < 0.3 else "ui", latent=latent, batch_size=rng.randint(1, 3),
         n_iter=1 if rng.random() < 0.7 else 2, steps=rng.randint(2, 6), img2img=img2img,
         strength=rng.choice((0.0, 1.0, round(rng.uniform(0.05, 1.0), 2))), fix_steps=rng.random() < 0.3,
@@ -278,7 +280,7 @@ class Soak:
 
     def __init__(self, archs: tuple[str, ...] = ARCHS) -> None:
         self.archs = archs
-        self.script_module = _script_module()
+        self.script_module = script_module()
         self.models = {arch: build_unet(arch, "tiny", seed=1) for arch in archs}
         self.snapshots = {arch: snapshot(unet) for arch, unet in self.models.items()}
         self.runners: dict[tuple[bool, bool], tuple[Any, list[Any]]] = {}
@@ -307,6 +309,7 @@ class Soak:
             p = self._processing(case, model)
             p.unetmods_soak_installed = result.installed
             handle = _inject(unet, case.inject)
+            saved = dict(vars(opts))
             opts.img2img_fix_steps, opts.token_merging_ratio = case.fix_steps, case.webui_tome
             opts.token_merging_ratio_hr = case.webui_tome
             state.interrupted = state.skipped = False
@@ -321,6 +324,7 @@ class Soak:
                 if handle is not None:
                     handle.remove()
                 state.interrupted = state.skipped = False
+                vars(opts).update(saved)  # the stand-in's options are process-wide: leave them as found
         if "Traceback" in err.getvalue():
             result.problems.append("an error was swallowed by the WebUI's script/callback runner:\n" + err.getvalue())
         if processed is not None:
@@ -433,7 +437,7 @@ def _check_images(case: Case, processed: Any) -> list[str]:
 _SCRIPT: list[Any] = []
 
 
-def _script_module() -> Any:
+def script_module() -> Any:
     """scripts/unetmods.py loaded once per process, like the WebUI loads an extension's script."""
     if not _SCRIPT:
         loaded = [d.module for d in scripts.scripts_data if d.path.endswith(os.path.join("scripts", "unetmods.py"))]
