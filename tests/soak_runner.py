@@ -46,8 +46,8 @@ from sd_model import FakeSDModel  # noqa: E402
 
 from lib_unetmods.host import LOG_PREFIX, STATE_ATTR  # noqa: E402
 from lib_unetmods.params import Param  # noqa: E402
-from lib_unetmods.patcher import ACTIVE, leftover, restore_all  # noqa: E402
-from lib_unetmods.random_unets import ARCHS, build_unet, sdpa_attention  # noqa: E402
+from lib_unetmods.patcher import ACTIVE, restore_all  # noqa: E402
+from lib_unetmods.random_unets import ARCHS, build_unet, randomize, sdpa_attention  # noqa: E402
 from lib_unetmods.settings import Settings  # noqa: E402
 from lib_unetmods.techniques import SPECS  # noqa: E402
 from model_state import assert_restored, snapshot  # noqa: E402
@@ -61,6 +61,35 @@ MAX_LATENT_PIXELS = 25 * 25  # keeps a run around a second on a shared CPU core
 # Above the family's native size (where ScaleCrafter and RAU-Net act by default): 520x776 for SD1,
 # 1032x1032 for SDXL; a few seconds per UNet call, so rare, small and short (--no-large skips them).
 LARGE_SIZES = {"sd15": (65, 97), "sdxl": (129, 129)}
+
+
+class SoakModel(FakeSDModel):
+    """The stand-in model, with a real VAE decoder when the case asks for one (CD-Tuner's
+    saturation hooks it; the host restores after decoding)."""
+
+    def __init__(self, unet: torch.nn.Module, vae: torch.nn.Module | None, is_sdxl: bool) -> None:
+        super().__init__(unet, is_sdxl=is_sdxl)
+        self.first_stage_model = vae
+
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        if self.first_stage_model is None:
+            return z.clone()
+        decoder = self.first_stage_model.decoder
+        image = decoder(z)
+        decoder.__dict__.pop("last_z_shape", None)  # ldm's Decoder records its input shape on itself, not ours to check
+        return image
+
+
+def build_vae(seed: int = 1) -> torch.nn.Module:
+    """A tiny ldm first-stage model: the real Decoder (module names as in SD's VAE), 32 channels."""
+    from ldm.modules.diffusionmodules.model import Decoder
+
+    with contextlib.redirect_stdout(io.StringIO()):  # ldm prints its configuration
+        decoder = Decoder(ch=32, out_ch=3, ch_mult=(1, 2, 4, 4), num_res_blocks=1, attn_resolutions=[], in_channels=3,
+                          resolution=64, z_channels=4, dropout=0.0)
+    vae = torch.nn.Module()
+    vae.decoder = decoder
+    return randomize(vae, seed).eval().requires_grad_(False)
 
 
 class InjectedError(RuntimeError):
@@ -182,6 +211,7 @@ class Case:
     forge: bool
     webui_tome: float
     sdpa: bool  # the WebUI's default attention (torch SDPA) instead of ldm's own
+    vae: bool  # the model has a (tiny, real ldm) VAE decoder and decodes with it
     inject: tuple[str, int, str] | None  # (interrupt | skip | raise, at UNet call n, in module)
 
     def describe(self) -> str:
@@ -196,6 +226,8 @@ class Case:
             parts.append("forge")
         if not self.sdpa:
             parts.append("ldm attention")
+        if self.vae:
+            parts.append("VAE decode")
         if self.webui_tome:
             parts.append(f"webui token merging {self.webui_tome}")
         if self.inject:
@@ -231,10 +263,11 @@ def draw_case(seed: int, index: int, archs: tuple[str, ...] = ARCHS, large: bool
         strength=rng.choice((0.0, 1.0, round(rng.uniform(0.05, 1.0), 2))), fix_steps=rng.random() < 0.3,
         hires=hires, hr_scale=rng.choice((1.25, 1.5, 2.0)) if latent[0] * latent[1] <= 13 * 13 else 1.25,
         hr_steps=rng.choice((0, 1, 3)), second_order=rng.random() < 0.2, forge=rng.random() < 0.3,
-        webui_tome=0.3 if rng.random() < 0.05 else 0.0, sdpa=rng.random() < 0.7, inject=inject)
+        webui_tome=0.3 if rng.random() < 0.05 else 0.0, sdpa=rng.random() < 0.7, vae=rng.random() < 0.15,
+        inject=inject)
     if large and arch in LARGE_SIZES and rng.random() < 0.03:
         case.latent, case.sdpa, case.hires, case.second_order = LARGE_SIZES[arch], True, False, False
-        case.batch_size, case.n_iter, case.steps = 1, 1, 2
+        case.batch_size, case.n_iter, case.steps, case.vae = 1, 1, 2, False
     return case
 
 
@@ -282,6 +315,7 @@ class Soak:
         self.archs = archs
         self.script_module = script_module()
         self.models = {arch: build_unet(arch, "tiny", seed=1) for arch in archs}
+        self.models["vae"] = build_vae()
         self.snapshots = {arch: snapshot(unet) for arch, unet in self.models.items()}
         self.runners: dict[tuple[bool, bool], tuple[Any, list[Any]]] = {}
         self.loaded: str | None = None
@@ -297,7 +331,7 @@ class Soak:
     def run(self, case: Case) -> Result:
         result = Result(case, "failure")
         unet = self.models[case.arch]
-        model = FakeSDModel(unet, is_sdxl=case.arch == "sdxl")
+        model = SoakModel(unet, self.models["vae"] if case.vae else None, is_sdxl=case.arch == "sdxl")
         if case.arch == "sd21":
             model.parameterization = "v"  # SD2-768 predicts v
         out, err = io.StringIO(), io.StringIO()
@@ -341,7 +375,7 @@ class Soak:
             result.outcome = "failure"
         return result
 
-    def _processing(self, case: Case, model: FakeSDModel) -> Any:
+    def _processing(self, case: Case, model: SoakModel) -> Any:
         runner, inputs = self.runner(case.forge, case.img2img)
         script = runner.alwayson_scripts[0]
         if case.route == "api":
@@ -362,37 +396,36 @@ class Soak:
     def _check_models(self, result: Result) -> None:
         """Every model exactly as built. After a run that raised, the WebUI runs no postprocess:
         the patch may stay until the next generation's before_process (or a model load) removes
-        it, so that run's model is checked after the next run."""
+        it, so the models that run used are checked after the next run."""
         raised = result.outcome == "raised"
-        for arch, unet in self.models.items():
-            if raised and arch == result.case.arch:
-                continue
-            try:
-                assert_restored(unet, self.snapshots[arch])
-            except AssertionError as e:
-                blame = f"runs {self.pending.case.index}-{result.case.index}" if self.pending else f"run {result.case.index}"
-                result.leaks.append(f"{arch} UNet after {blame}: {e}")
+        used = {result.case.arch, "vae"} if raised else set()
+        blame = f"runs {self.pending.case.index}-{result.case.index}" if self.pending else f"run {result.case.index}"
+        result.leaks += self._leaks(set(self.models) - used, f"after {blame}")
         if raised:
-            if leftover(self.models[result.case.arch]) is None and ACTIVE:
-                result.leaks.append("a patch is active that is not marked on the model it changed")
             self.pending = result
         else:
             self.pending = None
             if ACTIVE:
-                result.leaks.append(f"{len(ACTIVE)} patcher(s) still active after the generation")
+                result.leaks.append(f"{len(ACTIVE)} patcher(s) still active after {blame}")
+
+    def _leaks(self, names: set[str], when: str) -> list[str]:
+        leaks = []
+        for name in sorted(names):
+            try:
+                assert_restored(self.models[name], self.snapshots[name])
+            except AssertionError as e:
+                leaks.append(f"{name} model {when}: {e}")
+        return leaks
 
     def finish(self) -> list[str]:
-        """After the last run: what a raised run left behind, removed as the next generation would."""
+        """After the last run: what a raised last run left behind, removed as the next
+        generation's before_process would (restore_all)."""
         if self.pending is None:
             return []
-        arch = self.pending.case.arch
         restore_all()
         self.pending = None
-        try:
-            assert_restored(self.models[arch], self.snapshots[arch])
-        except AssertionError as e:
-            return [f"{arch} UNet after the last run raised and restore_all() ran: {e}"]
-        return []
+        return self._leaks(set(self.models), "after the last run raised and restore_all() ran") + (
+            [f"{len(ACTIVE)} patcher(s) still active after restore_all()"] if ACTIVE else [])
 
 
 def _inject(unet: torch.nn.Module, inject: tuple[str, int, str] | None) -> Any:
@@ -426,8 +459,10 @@ def _check_images(case: Case, processed: Any) -> list[str]:
     sizes = {(h, w)}
     if case.hires:
         sizes.add((int(h * 8 * case.hr_scale) // 8, int(w * 8 * case.hr_scale) // 8))
+    channels, scale = (3, 8) if case.vae else (4, 1)
+    sizes = {(a * scale, b * scale) for a, b in sizes}
     for i, image in enumerate(processed.images):
-        if image.shape[:2] != (case.batch_size, 4) or tuple(image.shape[2:]) not in sizes:
+        if image.shape[:2] != (case.batch_size, channels) or tuple(image.shape[2:]) not in sizes:
             problems.append(f"image batch {i} has shape {tuple(image.shape)}")
         elif not torch.isfinite(image).all():
             problems.append(f"image batch {i} has {int((~torch.isfinite(image)).sum())} non-finite values")
