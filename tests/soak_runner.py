@@ -22,6 +22,7 @@ import re
 import sys
 import traceback
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 try:  # Python 3.11+
@@ -50,6 +51,7 @@ from lib_unetmods.patcher import ACTIVE, restore_all  # noqa: E402
 from lib_unetmods.random_unets import ARCHS, build_unet, randomize, sdpa_attention  # noqa: E402
 from lib_unetmods.settings import Settings  # noqa: E402
 from lib_unetmods.techniques import SPECS  # noqa: E402
+from lib_unetmods.xyz import axis_specs, overrides  # noqa: E402
 from model_state import assert_restored, snapshot  # noqa: E402
 
 FAMILY = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
@@ -196,7 +198,7 @@ class Case:
     seed: int
     arch: str
     settings: Settings
-    route: str  # "ui" (positional args) or "api" (one dict)
+    route: str  # "ui" (positional args), "api" (one dict) or "xyz" (UI defaults + an XYZ cell per parameter)
     latent: tuple[int, int]  # (height, width) of the first pass
     batch_size: int
     n_iter: int
@@ -258,7 +260,7 @@ def draw_case(seed: int, index: int, archs: tuple[str, ...] = ARCHS, large: bool
         inject = (kind, rng.randint(1, 6), rng.choice(("", "input_blocks.4", "middle_block", "output_blocks.3", "output_blocks.8")))
     case = Case(
         index=index, seed=seed, arch=arch, settings=draw_settings(rng, FAMILY[arch], include),
-        route="api" if rng.random() < 0.3 else "ui", latent=latent, batch_size=rng.randint(1, 3),
+        route=rng.choice(("ui", "ui", "api", "xyz")), latent=latent, batch_size=rng.randint(1, 3),
         n_iter=1 if rng.random() < 0.7 else 2, steps=rng.randint(2, 6), img2img=img2img,
         strength=rng.choice((0.0, 1.0, round(rng.uniform(0.05, 1.0), 2))), fix_steps=rng.random() < 0.3,
         hires=hires, hr_scale=rng.choice((1.25, 1.5, 2.0)) if latent[0] * latent[1] <= 13 * 13 else 1.25,
@@ -370,6 +372,8 @@ class Soak:
         generation = getattr(p, STATE_ATTR, None)
         if generation is None:
             result.problems.append("the script did not run (no generation state on p)")
+        else:
+            result.problems += _check_settings(case, generation.settings, p.extra_generation_params)
         self._check_models(result)
         if result.problems and result.outcome != "failure":
             result.outcome = "failure"
@@ -378,9 +382,11 @@ class Soak:
     def _processing(self, case: Case, model: SoakModel) -> Any:
         runner, inputs = self.runner(case.forge, case.img2img)
         script = runner.alwayson_scripts[0]
+        defaults = [c.value for c in inputs[script.args_from:script.args_to]]
         if case.route == "api":
-            defaults = [c.value for c in inputs[script.args_from:script.args_to]]
             args = [None, {tid: dict(case.settings[tid]) for tid in case.settings.enabled_ids()}, *defaults[1:]]
+        elif case.route == "xyz":
+            args = [None, *defaults]
         else:
             args = [None, *case.settings.to_args()]
         h, w = case.latent
@@ -388,10 +394,19 @@ class Soak:
                       seed=case.seed * 1000 + case.index, second_order=case.second_order)
         if case.img2img:
             init = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(case.index))
-            return processing.StableDiffusionProcessingImg2Img(model, runner, args, init_latent=init,
-                                                               denoising_strength=case.strength, **common)
-        return processing.StableDiffusionProcessingTxt2Img(model, runner, args, enable_hr=case.hires, hr_scale=case.hr_scale,
-                                                           hr_second_pass_steps=case.hr_steps, **common)
+            p = processing.StableDiffusionProcessingImg2Img(model, runner, args, init_latent=init,
+                                                            denoising_strength=case.strength, **common)
+        else:
+            p = processing.StableDiffusionProcessingTxt2Img(model, runner, args, enable_hr=case.hires, hr_scale=case.hr_scale,
+                                                            hr_second_pass_steps=case.hr_steps, **common)
+        if case.route == "xyz":  # as the grid does for one cell: each axis' apply() on the (copied) p
+            axes = xyz_axes()
+            for tid in case.settings.enabled_ids():
+                for name, value in case.settings[tid].items():
+                    axis = axes[(tid, name)]
+                    cell = axis["type"](str(value) if isinstance(value, bool) else value)
+                    axis["apply"](p, cell, [cell])
+        return p
 
     def _check_models(self, result: Result) -> None:
         """Every model exactly as built. After a run that raised, the WebUI runs no postprocess:
@@ -448,6 +463,33 @@ def _inject(unet: torch.nn.Module, inject: tuple[str, int, str] | None) -> Any:
             state.skipped = True
 
     return module.register_forward_pre_hook(hook)
+
+
+def _check_settings(case: Case, ran: Settings, infotext: dict[str, Any]) -> list[str]:
+    """What ran is what was asked for (valid values: no errors), and pasting the infotext back
+    gives it again."""
+    problems = [f"a valid setting was reported: {e}" for e in ran.errors]
+    if ran != case.settings:
+        problems.append(f"asked for {case.settings.to_text()!r} via {case.route}, ran {ran.to_text()!r}")
+    pasted = Settings.from_infotext(infotext)
+    if pasted != ran:
+        problems.append(f"infotext {infotext} pastes back as {pasted.to_text()!r}, not {ran.to_text()!r}")
+    return problems
+
+
+def xyz_axes() -> dict[tuple[str, str], dict[str, Any]]:
+    """XYZ axes by the (technique, parameter) they set, found by applying each to a probe."""
+    if not _AXES:
+        for axis in axis_specs():
+            probe = SimpleNamespace()
+            axis["apply"](probe, "probe", ["probe"])
+            ((tid, changes),) = overrides(probe).items()
+            ((name, _),) = changes.items()
+            _AXES[(tid, name)] = axis
+    return _AXES
+
+
+_AXES: dict[tuple[str, str], dict[str, Any]] = {}
 
 
 def _check_images(case: Case, processed: Any) -> list[str]:

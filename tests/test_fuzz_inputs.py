@@ -15,7 +15,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import soak_runner  # noqa: F401  (puts the WebUI stand-in on sys.path)
 from lib_unetmods import Settings, SettingsError
@@ -24,7 +24,6 @@ from lib_unetmods.params import ParamError
 from lib_unetmods.settings import arg_layout
 from lib_unetmods.techniques import SPECS
 from lib_unetmods.ui import labels
-from lib_unetmods.xyz import axis_specs, overrides
 from modules import infotext_utils, processing, scripts
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
@@ -227,6 +226,23 @@ def test_paste_one_bad_value_names_it(pasting, case):
     assert_one_fault_reported(result, before, spec, param, messages)
 
 
+@FUZZ
+@given(valid_settings(), st.sampled_from(list(SPECS)), st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,10}", fullmatch=True),
+       st.from_regex(r"[^\s;]{1,8}", fullmatch=True))
+def test_unknown_parameter_is_named(before, tid, name, raw):
+    """An unknown parameter name in the text, the infotext or the API dict is reported by name."""
+    assume(name not in {p.name for p in SPECS[tid].params} and name != "preset")
+    before[tid]["enabled"] = True
+    text = with_token(before.to_text(), tid, f"{name}={raw}")
+    data = {t: dict(before[t]) for t in before.enabled_ids()}
+    data[tid][name] = raw
+    infotext = before.infotext()
+    infotext[SPECS[tid].infotext_key] += f" {name}={raw}"
+    for result in (Settings.from_text(text), Settings.from_infotext(infotext), Settings.from_args([data])):
+        assert result == before and result.errors
+        assert all(name.lower() in e.lower() and (tid in e or SPECS[tid].title in e) for e in result.errors), result.errors
+
+
 # --- API dict and positional args --------------------------------------------------------
 
 @FUZZ
@@ -273,15 +289,7 @@ def test_an_int_beyond_float_range_is_a_bad_value_not_a_crash():
 
 # --- XYZ cells ---------------------------------------------------------------------------
 
-def axis_target(axis) -> tuple[str, str]:
-    probe = SimpleNamespace()
-    axis["apply"](probe, "probe", ["probe"])
-    ((tid, changes),) = overrides(probe).items()
-    ((name, _),) = changes.items()
-    return tid, name
-
-
-AXES = [(axis, *axis_target(axis)) for axis in axis_specs()]
+AXES = [(axis, tid, name) for (tid, name), axis in soak_runner.xyz_axes().items()]
 
 
 @FUZZ
