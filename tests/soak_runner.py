@@ -60,7 +60,7 @@ FAMILY = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
 LATENT_SIDES = (3, 4, 5, 7, 8, 9, 12, 13, 16, 17, 25)
 NAMED_SIZES = ((17, 25), (9, 35), (25, 17), (35, 9))
 MAX_LATENT_PIXELS = 25 * 25  # keeps a run around a second on a shared CPU core
-# Above the family's native size (where ScaleCrafter and RAU-Net act by default): 520x776 for SD1,
+# Above the family's native size (where ScaleCrafter and RAU-Net act by default): 776x520 for SD1,
 # 1032x1032 for SDXL; a few seconds per UNet call, so rare, small and short (--no-large skips them).
 LARGE_SIZES = {"sd15": (65, 97), "sdxl": (129, 129)}
 
