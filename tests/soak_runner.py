@@ -41,7 +41,7 @@ for path in (WEBUI, TESTS, ROOT):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from modules import processing, script_callbacks, scripts  # noqa: E402
+from modules import infotext_utils, processing, script_callbacks, scripts  # noqa: E402
 from modules.shared import opts, state  # noqa: E402
 from sd_model import FakeSDModel  # noqa: E402
 
@@ -361,6 +361,8 @@ class Soak:
                     handle.remove()
                 state.interrupted = state.skipped = False
                 vars(opts).update(saved)  # the stand-in's options are process-wide: leave them as found
+        result.problems += [f"undeclared console output: {line!r}" for line in out.getvalue().splitlines()
+                            if line.strip() and not line.startswith(LOG_PREFIX)]
         if "Traceback" in err.getvalue():
             result.problems.append("an error was swallowed by the WebUI's script/callback runner:\n" + err.getvalue())
         if processed is not None:
@@ -373,7 +375,9 @@ class Soak:
         if generation is None:
             result.problems.append("the script did not run (no generation state on p)")
         else:
-            result.problems += _check_settings(case, generation.settings, p.extra_generation_params)
+            # the infotext line as saved with the image, parsed as the WebUI parses a pasted one
+            line = processed.infotexts[0] if processed is not None and processed.infotexts else processing.create_infotext(p)
+            result.problems += _check_settings(case, generation.settings, infotext_utils.parse_generation_parameters(line))
         self._check_models(result)
         if result.problems and result.outcome != "failure":
             result.outcome = "failure"
@@ -473,7 +477,7 @@ def _check_settings(case: Case, ran: Settings, infotext: dict[str, Any]) -> list
         problems.append(f"asked for {case.settings.to_text()!r} via {case.route}, ran {ran.to_text()!r}")
     pasted = Settings.from_infotext(infotext)
     if pasted != ran:
-        problems.append(f"infotext {infotext} pastes back as {pasted.to_text()!r}, not {ran.to_text()!r}")
+        problems.append(f"the infotext {infotext} pastes back as {pasted.to_text()!r}, not {ran.to_text()!r}")
     return problems
 
 
