@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     harness = runner.Soak(archs)
     failures = leaks = 0
     outcomes: dict[str, int] = {}
-    installed: dict[str, int] = {}
+    applied: dict[str, int] = {}
     kinds: dict[str, list[int]] = {}  # problem kind -> run indices
     started = time.perf_counter()
     last_progress = started
@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         outcomes[result.outcome] = outcomes.get(result.outcome, 0) + 1
         for problem in result.problems + result.leaks:
             kinds.setdefault(kind_of(problem), []).append(index)
-        for tid in set(result.installed):
-            installed[tid] = installed.get(tid, 0) + 1
+        for tid in set(result.applied):
+            applied[tid] = applied.get(tid, 0) + 1
         failures += bool(result.problems)
         leaks += bool(result.leaks)
         if args.verbose or result.problems or result.leaks:
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             for line in result.problems + result.leaks:
                 print("    " + line.rstrip().replace("\n", "\n    "))
             if args.verbose:
-                print(f"    installed: {', '.join(dict.fromkeys(result.installed)) or 'nothing'}")
+                print(f"    applied: {', '.join(dict.fromkeys(result.applied)) or 'nothing'}")
                 for message in result.messages:
                     print(f"    message: {message}")
             sys.stdout.flush()
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     print(f"outcomes: {', '.join(f'{k}={v}' for k, v in sorted(outcomes.items()))}; {elapsed:.0f} s, "
           f"{elapsed / args.runs:.2f} s/run")
-    print(f"runs in which each technique was applied (not refused): {', '.join(f'{k}={v}' for k, v in sorted(installed.items()))}")
+    print(f"runs in which each technique was applied (not refused): {', '.join(f'{k}={v}' for k, v in sorted(applied.items()))}")
     for kind, indices in sorted(kinds.items(), key=lambda item: -len(item[1])):
         print(f"{len(indices):>5} x {kind}   (runs {', '.join(map(str, indices[:10]))}{' ...' if len(indices) > 10 else ''})")
     print(f"runs={args.runs} failures={failures} leaks={leaks}")

@@ -6,8 +6,9 @@ A case is drawn from the declarations (lib_unetmods.techniques.SPECS), never fro
 of values: a random subset of techniques, each parameter left at its default / recommended
 value or drawn inside its declared range, often exactly at an edge. Around that: odd latent
 sides, batch sizes 1-3, batch count 1-2, hires on/off, img2img, a second-order sampler, Forge's
-double hires call, the API dict instead of positional args, the WebUI's own token merging,
-model switches, and interrupts, skips and exceptions injected inside the UNet mid-sampling.
+double hires call, settings from the UI, the API dict or XYZ cells, ldm or SDPA attention, a
+VAE decoder, the WebUI's own token merging, model switches, and interrupts, skips and
+exceptions injected inside the UNet mid-sampling.
 
 Case `i` of seed `S` is drawn from its own RNG, so `--seed S --start i --runs 1` replays it
 (with freshly built models). Used by tests/test_soak.py and `python -m lib_unetmods.soak`.
@@ -18,7 +19,6 @@ import contextlib
 import io
 import os
 import random
-import re
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -282,12 +282,12 @@ class Result:
     problems: list[str] = field(default_factory=list)  # failures: crashes, bad images, undeclared messages
     leaks: list[str] = field(default_factory=list)  # a model not restored, a patch left active
     messages: list[str] = field(default_factory=list)
-    installed: list[str] = field(default_factory=list)  # techniques applied (not refused), per sampling pass
+    applied: list[str] = field(default_factory=list)  # techniques applied (not refused), per sampling pass
 
 
 class Observer(scripts.Script):
     """Another extension's AlwaysVisible script, run after UNet Mods': records what each
-    sampling pass installed (the soak's coverage)."""
+    sampling pass applied (the soak's coverage)."""
 
     def title(self) -> str:
         return "soak observer"
@@ -301,7 +301,7 @@ class Observer(scripts.Script):
     def process_before_every_sampling(self, p: Any, *args: Any, **kwargs: Any) -> None:
         generation = getattr(p, STATE_ATTR, None)
         if generation is not None and generation.applied is not None:
-            p.unetmods_soak_installed.extend(generation.applied.applied)
+            p.unetmods_soak_applied.extend(generation.applied.applied)
 
     def __getattr__(self, name: str) -> Any:  # every other script callback: nothing to do
         if name.startswith("_"):
@@ -343,7 +343,7 @@ class Soak:
                 script_callbacks.model_loaded_callback(model)
                 self.loaded = case.arch
             p = self._processing(case, model)
-            p.unetmods_soak_installed = result.installed
+            p.unetmods_soak_applied = result.applied
             handle = _inject(unet, case.inject)
             saved = dict(vars(opts))
             opts.img2img_fix_steps, opts.token_merging_ratio = case.fix_steps, case.webui_tome

@@ -35,7 +35,7 @@ def test_short_soak(harness, tid):
         case = soak_runner.draw_case(SEED, 100 * list(SPECS).index(tid) + k, large=False, include=tid)
         result = harness.run(case)
         assert not result.problems and not result.leaks, f"{case.describe()}\n" + "\n".join(result.problems + result.leaks)
-        applied += tid in result.installed
+        applied += tid in result.applied
     assert applied, f"{tid} was not applied in any of the {RUNS_PER_TECHNIQUE} runs: the soak does not exercise it"
 
 
