@@ -23,6 +23,8 @@ import sys
 import time
 from types import ModuleType
 
+import torch
+
 from .bench import fmt_time
 from .random_unets import ARCHS
 
@@ -65,10 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runner = load_runner()
-    import torch
-
-    torch.set_num_threads(1)  # tiny UNets: more threads only add overhead
-    torch.set_grad_enabled(False)
+    torch.set_num_threads(1)  # tiny UNets: more threads only add overhead (the models need no grad)
     archs = tuple(args.arch or ARCHS)
     harness = runner.Soak(archs)
     failures = leaks = 0
