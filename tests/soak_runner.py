@@ -470,14 +470,21 @@ def _inject(unet: torch.nn.Module, inject: tuple[str, int, str] | None) -> Any:
 
 
 def _check_settings(case: Case, ran: Settings, infotext: dict[str, Any]) -> list[str]:
-    """What ran is what was asked for (valid values: no errors), and pasting the infotext back
-    gives it again."""
+    """What ran is what was asked for (valid values: no errors), and the infotext is readable."""
     problems = [f"a valid setting was reported: {e}" for e in ran.errors]
     if ran != case.settings:
         problems.append(f"asked for {case.settings.to_text()!r} via {case.route}, ran {ran.to_text()!r}")
+    return problems + infotext_problems(ran, infotext)
+
+
+def infotext_problems(requested: Settings, infotext: dict[str, Any]) -> list[str]:
+    """Our infotext keys paste back without an error, and name no technique that was not asked for
+    (what a key records may differ from the request: values the technique resolved and used)."""
     pasted = Settings.from_infotext(infotext)
-    if pasted != ran:
-        problems.append(f"the infotext {infotext} pastes back as {pasted.to_text()!r}, not {ran.to_text()!r}")
+    problems = [f"the infotext does not paste back cleanly: {e}" for e in pasted.errors]
+    extra = set(pasted.enabled_ids()) - set(requested.enabled_ids())
+    if extra:
+        problems.append(f"the infotext names techniques that were not asked for: {sorted(extra)} in {infotext}")
     return problems
 
 
