@@ -59,7 +59,7 @@ class Param:
             raise ParamError(f"{where}: expected a number, got {value!r}")
         try:
             number = float(value.strip()) if isinstance(value, str) else float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float range (JSON allows it)
             raise ParamError(f"{where}: expected a number, got {value!r}") from None
         if not math.isfinite(number):
             raise ParamError(f"{where}: expected a finite number, got {value!r}")
