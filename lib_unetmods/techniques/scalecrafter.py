@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -318,17 +318,19 @@ def redilate(conv: nn.Conv2d, x: torch.Tensor, s: float, r: torch.Tensor | None 
 
 # --- noise-damped CFG -----------------------------------------------------------------------
 
-def ndcfg_rows(out: torch.Tensor, uncond_mild: torch.Tensor, cond_rows: int, uncond_rows: int) -> torch.Tensor:
+def ndcfg_rows(out: torch.Tensor, uncond_mild: torch.Tensor, cond: Sequence[int], uncond: Sequence[int]) -> torch.Tensor:
     """Rows for which the host's CFG, uncond + sum_k w_k (cond_k - uncond), yields
     uncond_mild + sum_k w_k (cond_k - uncond_main) (reference text2image.py, step 3).
-    Cond rows come first, `cond_rows // uncond_rows` per image, then the uncond rows."""
-    per_image = cond_rows // uncond_rows
-    cond, uncond = out[:cond_rows], out[cond_rows:cond_rows + uncond_rows]
-    shift = (uncond_mild - uncond).repeat_interleave(per_image, dim=0)
-    return torch.cat([cond + shift, uncond_mild, out[cond_rows + uncond_rows:]])
+    `cond` / `uncond`: the row indices of each kind (A1111: cond rows first; Forge: uncond chunk
+    first), `len(cond) // len(uncond)` cond rows per image, in image order."""
+    shift = (uncond_mild - out[uncond]).repeat_interleave(len(cond) // len(uncond), dim=0)
+    result = out.clone()
+    result[cond] = out[cond] + shift
+    result[uncond] = uncond_mild
+    return result
 
 
-def _rows(value: Any, rows: slice, batch: int) -> Any:
+def _rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
         return value[rows]
     if isinstance(value, (list, tuple)):
@@ -389,21 +391,27 @@ class Runtime:
         clock = self.ctx.clock
         if self.ndcfg_pass or plan is None or plan.ndcfg is None or clock.step >= int(plan.ndcfg_stop * clock.total_steps):
             return out
-        nc, nu, batch = clock.cond_rows, clock.uncond_rows, out.shape[0]
-        if not nc or not nu or nc % nu or nc + nu != batch:
-            self._warn_once("layout", f"NDCFG needs cond and uncond rows in one batch (got {nc} cond, {nu} uncond "
+        rows, batch = call.rows(), out.shape[0]
+        if rows is None or not rows[0] or not rows[1] or len(rows[0]) % len(rows[1]):
+            self._warn_once("layout", "NDCFG needs the cond and uncond rows of an image in one UNet call (got "
+                                      f"{'an unknown layout' if rows is None else f'{len(rows[0])} cond, {len(rows[1])} uncond'} "
                                       f"of {batch} rows); plain CFG on this call")
             return out
         args, kwargs = self.inputs
-        rows = slice(nc, nc + nu)
+        index = torch.tensor(rows[1], device=out.device)
+        kwargs = _rows(kwargs, index, batch)
+        options = kwargs.get("transformer_options")
+        if isinstance(options, dict) and "uncond_indices" in options:  # Forge: describe the uncond-only batch
+            kwargs["transformer_options"] = {**options, "cond_or_uncond": [1], "cond_indices": [],
+                                             "uncond_indices": list(range(len(rows[1])))}
         calls = clock.calls_in_step
         self.ndcfg_pass = True
         try:  # the whole UNet again, with every other technique, on the uncond rows only
-            uncond_mild = self.ctx.unet(*_rows(args, rows, batch), **_rows(kwargs, rows, batch))
+            uncond_mild = self.ctx.unet(*_rows(args, index, batch), **kwargs)
         finally:
             self.ndcfg_pass = False
             clock.calls_in_step = calls  # the extra pass is not a sampler call
-        return ndcfg_rows(out, uncond_mild, nc, nu)
+        return ndcfg_rows(out, uncond_mild, *rows)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:  # shown with the run's other messages (ctx.warn names the current technique)
