@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .clock import StepClock
 from .patcher import Patcher
@@ -59,6 +60,9 @@ class UNetCall:
     shapes: dict[tuple[str, int], torch.Size] = field(default_factory=dict)  # output shape of each block run
     next_skip_size: tuple[int, ...] | None = None  # skip size of the next output block's concat
     residuals: bool = False  # a skip reached its concat changed: the host adds residuals (ControlNet)
+    # a hook resized the features (Deep Shrink): every Upsample is ldm's plain x2 (Forge's would go
+    # to the next skip's shape by nearest), and the to_skip hooks resize h, so all hosts agree
+    x2_upsample: bool = False
 
     @property
     def control(self) -> bool:
@@ -142,6 +146,16 @@ class ForwardHooks:
             return sc.h
         return torch.zeros((), dtype=sc.h.dtype, device=sc.h.device).expand(sc.shapes[key])
 
+    @staticmethod
+    def _align_control(call: UNetCall, name: str, like: torch.Tensor) -> None:
+        """Forge adds `control[name][-1]` to `like` next, in place, and skips a residual of another
+        size with a warning: where a hook resized the features (Deep Shrink, RAU-Net), resize the
+        residual by nearest first, as sd-webui-controlnet's `aligned_adding` does on A1111."""
+        control = call.kwargs.get("control")
+        residuals = control.get(name) if isinstance(control, dict) else None
+        if residuals and residuals[-1] is not None and residuals[-1].shape[-2:] != like.shape[-2:]:
+            residuals[-1] = F.interpolate(residuals[-1], size=tuple(like.shape[-2:]), mode="nearest")
+
     def _after_skip(self, i: int, h: torch.Tensor, call: UNetCall) -> torch.Tensor:
         for fn in self.lists["after_skip"]:
             h = fn(i, h, call)
@@ -171,6 +185,7 @@ class ForwardHooks:
                     h = fn(i, h, call)
             call.skips.append(h)
             call.shapes["input", i] = h.shape
+            self._align_control(call, "input", h)
             return h
 
         return forward
@@ -188,6 +203,9 @@ class ForwardHooks:
                 h = fn(h, call)
             h = self._to_skip(0, h, call)
             call.shapes["middle", 0] = h.shape
+            self._align_control(call, "middle", h)
+            if call.skips:
+                self._align_control(call, "output", call.skips[-1])
             return h
 
         return forward
@@ -211,14 +229,26 @@ class ForwardHooks:
                     h, skip = fn(i, h, skip, call)
                 x = torch.cat([h, skip], dim=1)
             call.next_skip_size = call.skip_size(i + 1)
+            if call.x2_upsample:
+                args, kwargs = _without_output_shape(args, kwargs)
             h = inner(x, *args, **kwargs)
             for fn in self.lists["after_output"]:
                 h = fn(i, h, call)
             h = self._to_skip(i + 1, h, call)
             call.shapes["output", i] = h.shape
+            j = len(call.skips) - 2 - i  # the skip output_blocks[i + 1] pops next
+            if j >= 0:
+                self._align_control(call, "output", call.skips[j])
             return h
 
         return forward
+
+
+def _without_output_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Forge's output block call (h, emb, context, transformer_options, output_shape) without the shape."""
+    if "output_shape" in kwargs:
+        return args, {**kwargs, "output_shape": None}
+    return (*args[:3], None, *args[4:]) if len(args) >= 4 else args, kwargs
 
 
 def _inner(module: nn.Module) -> Callable[..., Any]:

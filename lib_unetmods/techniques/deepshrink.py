@@ -191,6 +191,7 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
         if size == tuple(h.shape[-2:]):
             return h
         call.state[STATE_KEY] = size
+        call.x2_upsample = True
         return resize(h, size, down)
 
     def match_skip(i: int, h: torch.Tensor, size: tuple[int, ...], call: Any) -> torch.Tensor:

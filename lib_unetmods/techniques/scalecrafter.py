@@ -340,6 +340,15 @@ def _rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
     return value
 
 
+def _fresh_containers(value: Any) -> Any:
+    """Copies of the dicts and lists (not of the tensors) in a UNet call's arguments."""
+    if isinstance(value, dict):
+        return {k: _fresh_containers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_fresh_containers(v) for v in value)
+    return value
+
+
 # --- wiring ----------------------------------------------------------------------------------
 
 class Runtime:
@@ -375,7 +384,7 @@ class Runtime:
             return
         x = args[0] if args else kwargs["x"]
         self.size = tuple(x.shape[-2:])  # type: ignore[assignment]
-        self.inputs = (args, kwargs)
+        self.inputs = (args, _fresh_containers(kwargs))  # Forge's forward pops its control lists
 
     def conv_forward(self, name: str, conv: nn.Conv2d) -> Any:
         def forward(x: torch.Tensor) -> torch.Tensor:

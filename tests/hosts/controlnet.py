@@ -12,7 +12,7 @@ behaves for the UNet:
   bound class forward as an instance attribute, the leftover the extension must not mistake for
   another extension's forward.
 
-The control model here is a copy of the UNet's encoder taken at construction (a ControlNet is a
+The control model here is a copy of the UNet's encoder (without its hooks) taken at construction (a ControlNet is a
 trained copy of it), fed x plus a fixed hint; its outputs times `scale` are the residuals, and
 only while `active()` says so (ControlNet's guidance start/end), else 0.0 floats.
 """
@@ -46,7 +46,11 @@ def resizing_cat(tensors: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
 class ControlNetHook:
     def __init__(self, unet: nn.Module, scale: float = 1.0, active: Callable[[], bool] = lambda: True, seed: int = 0) -> None:
         self.unet, self.scale, self.active = unet, scale, active
-        encoder = copy.deepcopy(unet)  # taken before any patch: plain ldm blocks, no hooks
+        encoder = copy.deepcopy(unet)  # a separate model: none of the UNet's hooks or instance forwards
+        for m in encoder.modules():
+            m._forward_hooks.clear()
+            m._forward_pre_hooks.clear()
+            m.__dict__.pop("forward", None)
         self.control_model = nn.ModuleDict({"time_embed": encoder.time_embed, "input_blocks": encoder.input_blocks,
                                             "middle_block": encoder.middle_block})
         self.label_emb = getattr(encoder, "label_emb", None)

@@ -38,7 +38,10 @@ def apply_control(h: torch.Tensor, control: dict[str, list[Any]] | None, name: s
     if control is not None and control.get(name):
         residual = control[name].pop()
         if residual is not None:
-            h += residual
+            try:
+                h += residual
+            except RuntimeError:  # Forge prints a warning and goes on without this residual
+                print("warning control could not be applied", h.shape, residual.shape)
     return h
 
 
