@@ -129,8 +129,6 @@ def test_hosts_agree_without_techniques(host):
 @pytest.mark.parametrize("key", list(ACTIVE))
 @pytest.mark.parametrize("host", HOSTS[1:])
 def test_every_technique_gives_the_a1111_result_on_every_host(host, key):
-    if key == "ndcfg" and host == "forge_split":
-        pytest.skip("split calls: see test_ndcfg_on_forge_split_calls")
     expected = result("a1111", "sd15", key)
     assert not close(expected, result("a1111", "sd15", None)), "the technique does not act at these settings"
     out = result(host, "sd15", key)

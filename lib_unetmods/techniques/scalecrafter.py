@@ -322,7 +322,8 @@ def ndcfg_rows(out: torch.Tensor, uncond_mild: torch.Tensor, cond: Sequence[int]
     """Rows for which the host's CFG, uncond + sum_k w_k (cond_k - uncond), yields
     uncond_mild + sum_k w_k (cond_k - uncond_main) (reference text2image.py, step 3).
     `cond` / `uncond`: the row indices of each kind (A1111: cond rows first; Forge: uncond chunk
-    first), `len(cond) // len(uncond)` cond rows per image, in image order."""
+    first), `len(cond) // len(uncond)` cond rows per image, in image order; no cond rows: the
+    uncond rows alone (Forge's split calls, the cond call gets the shift)."""
     shift = (uncond_mild - out[uncond]).repeat_interleave(len(cond) // len(uncond), dim=0)
     result = out.clone()
     result[cond] = out[cond] + shift
@@ -360,6 +361,7 @@ class Runtime:
         self.plans: dict[tuple[int, int], Plan] = {}
         self.size: tuple[int, int] | None = None
         self.ndcfg_pass = False
+        self.pending: tuple[tuple[int, int], torch.Tensor] | None = None  # (pass, step), uncond_mild - uncond
         self.inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._factors: dict[tuple[Any, ...], dict[str, tuple[float, bool]]] = {}
         self.warned: set[str] = set()
@@ -401,18 +403,25 @@ class Runtime:
         if self.ndcfg_pass or plan is None or plan.ndcfg is None or clock.step >= int(plan.ndcfg_stop * clock.total_steps):
             return out
         rows, batch = call.rows(), out.shape[0]
-        if rows is None or not rows[0] or not rows[1] or len(rows[0]) % len(rows[1]):
-            self._warn_once("layout", "NDCFG needs the cond and uncond rows of an image in one UNet call (got "
-                                      f"{'an unknown layout' if rows is None else f'{len(rows[0])} cond, {len(rows[1])} uncond'} "
-                                      f"of {batch} rows); plain CFG on this call")
-            return out
+        if rows is None or (rows[0] and rows[1] and len(rows[0]) % len(rows[1])):
+            return self._plain_cfg(f"{'an unknown layout' if rows is None else f'{len(rows[0])} cond, {len(rows[1])} uncond'} "
+                                   f"of {batch} rows", out)
+        cond, uncond = rows
+        step = (clock.passes, clock.step)
+        if not uncond:  # Forge's split calls: the uncond call of this step ran first and left its shift
+            pending, self.pending = self.pending, None
+            if pending is None or pending[0] != step or len(cond) % len(pending[1]):
+                return self._plain_cfg(f"{len(cond)} cond rows without the uncond call of the step", out)
+            result = out.clone()
+            result[cond] = out[cond] + pending[1].repeat_interleave(len(cond) // len(pending[1]), dim=0)
+            return result
         args, kwargs = self.inputs
-        index = torch.tensor(rows[1], device=out.device)
+        index = torch.tensor(uncond, device=out.device)
         kwargs = _rows(kwargs, index, batch)
         options = kwargs.get("transformer_options")
         if isinstance(options, dict) and "uncond_indices" in options:  # Forge: describe the uncond-only batch
             kwargs["transformer_options"] = {**options, "cond_or_uncond": [1], "cond_indices": [],
-                                             "uncond_indices": list(range(len(rows[1])))}
+                                             "uncond_indices": list(range(len(uncond)))}
         calls = clock.calls_in_step
         self.ndcfg_pass = True
         try:  # the whole UNet again, with every other technique, on the uncond rows only
@@ -420,7 +429,13 @@ class Runtime:
         finally:
             self.ndcfg_pass = False
             clock.calls_in_step = calls  # the extra pass is not a sampler call
-        return ndcfg_rows(out, uncond_mild, *rows)
+        if not cond:
+            self.pending = (step, uncond_mild - out[uncond])
+        return ndcfg_rows(out, uncond_mild, cond, uncond)
+
+    def _plain_cfg(self, layout: str, out: torch.Tensor) -> torch.Tensor:
+        self._warn_once("layout", f"NDCFG needs the cond and uncond rows of each image (got {layout}); plain CFG on this call")
+        return out
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:  # shown with the run's other messages (ctx.warn names the current technique)
