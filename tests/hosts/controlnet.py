@@ -44,18 +44,26 @@ def resizing_cat(tensors: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
 
 
 class ControlNetHook:
-    def __init__(self, unet: nn.Module, scale: float = 1.0, active: Callable[[], bool] = lambda: True, seed: int = 0) -> None:
-        self.unet, self.scale, self.active = unet, scale, active
+    def __init__(self, unet: nn.Module, scale: float = 1.0, active: Callable[[], bool] = lambda: True, seed: int = 0,
+                 control_model: bool = True) -> None:
+        """scale 0: residuals of zeros (tensors); control_model False: never active (its forward only)."""
+        self.unet, self.scale = unet, scale
+        self.active = active if control_model else lambda: False
+        self.control_model = self._copy_encoder(unet) if control_model else None
+        self.hint = torch.randn(1, unet.in_channels, 1, 1, generator=torch.Generator().manual_seed(seed))
+        self.calls = 0
+
+    @staticmethod
+    def _copy_encoder(unet: nn.Module) -> nn.ModuleDict:
         encoder = copy.deepcopy(unet)  # a separate model: none of the UNet's hooks or instance forwards
         for m in encoder.modules():
             m._forward_hooks.clear()
             m._forward_pre_hooks.clear()
             m.__dict__.pop("forward", None)
-        self.control_model = nn.ModuleDict({"time_embed": encoder.time_embed, "input_blocks": encoder.input_blocks,
-                                            "middle_block": encoder.middle_block})
-        self.label_emb = getattr(encoder, "label_emb", None)
-        self.hint = torch.randn(1, unet.in_channels, 1, 1, generator=torch.Generator().manual_seed(seed))
-        self.calls = 0
+        parts = {"time_embed": encoder.time_embed, "input_blocks": encoder.input_blocks, "middle_block": encoder.middle_block}
+        if getattr(encoder, "label_emb", None) is not None:
+            parts["label_emb"] = encoder.label_emb
+        return nn.ModuleDict(parts)
 
     def residuals(self, x: torch.Tensor, timesteps: torch.Tensor, context: Any, y: Any) -> list[Any]:
         n = len(self.unet.input_blocks) + 1
@@ -63,9 +71,9 @@ class ControlNetHook:
             return [0.0] * n
         cm = self.control_model
         emb = cm["time_embed"](timestep_embedding(timesteps, self.unet.model_channels, repeat_only=False))
-        if self.label_emb is not None and y is not None:
-            emb = emb + self.label_emb(y)
-        h, outs = x + self.hint, []
+        if "label_emb" in cm and y is not None:
+            emb = emb + cm["label_emb"](y)
+        h, outs = x + self.hint.to(x.device), []
         for block in cm["input_blocks"]:
             h = block(h, emb, context)
             outs.append(h * self.scale)

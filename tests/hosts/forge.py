@@ -169,7 +169,7 @@ class KModel(nn.Module):
     def apply_model(self, x: torch.Tensor, sigma: torch.Tensor, c_crossattn: torch.Tensor, control: Any = None,
                     transformer_options: dict[str, Any] = {}, **extra: Any) -> torch.Tensor:
         s = sigma.view(-1, 1, 1, 1)
-        t = torch.tensor([sigma_to_t(float(v)) for v in sigma])
+        t = torch.tensor([sigma_to_t(float(v)) for v in sigma], device=x.device)
         eps = self.diffusion_model(x / (s ** 2 + 1) ** 0.5, t, context=c_crossattn, control=control,
                                    transformer_options=transformer_options, **extra).float()
         return x - eps * s
@@ -261,7 +261,7 @@ def control_from(residuals: Callable[..., list[Any]]) -> Callable[..., dict[str,
     """Forge's ControlNet `get_control`: a fresh dict of residual lists per UNet call (the forward
     pops them), skips in input order under "output", the middle one under "middle"."""
     def get_control(x: torch.Tensor, timestep: torch.Tensor, c: dict[str, Any]) -> dict[str, list[Any]]:
-        t = torch.tensor([sigma_to_t(float(v)) for v in timestep])
+        t = torch.tensor([sigma_to_t(float(v)) for v in timestep], device=x.device)
         s = timestep.view(-1, 1, 1, 1)
         outs = residuals(x / (s ** 2 + 1) ** 0.5, t, c["c_crossattn"], c.get("y"))
         outs = [None if isinstance(o, float) else o for o in outs]
