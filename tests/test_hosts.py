@@ -84,14 +84,14 @@ def run(host: str, arch: str, text: str, control_scale: float = 0.0, control_act
         else:
             out = euler_sample(unet, data["noise"], data["cond"], data["uncond"], STEPS, clock, y=data["y"],
                                y_uncond=data["y_uncond"])
-    finally:
+    finally:  # also after an exception or interrupt
         applied.restore()
         if cn is not None:
             cn.restore()
             del base.forward  # ControlNet's leftover, checked on its own below
-    assert_restored(unet, before)
-    if patcher is not None:
-        assert patcher.model_options == options_before and set(vars(patcher)) == {"model", "model_options", "controlnet_linked_list"}
+        assert_restored(unet, before)
+        if patcher is not None:
+            assert patcher.model_options == options_before and set(vars(patcher)) == {"model", "model_options", "controlnet_linked_list"}
     if messages is not None:
         messages.extend(applied.messages)
     for tid in {t.split()[0] for t in text.split(";") if t}:
@@ -237,7 +237,8 @@ COMBINED = "deepcache interval=2 level=1; freeu; hidiffusion auto=false t1=0.5; 
 @pytest.mark.parametrize("host", ["a1111", "controlnet", "forge"])
 def test_exception_mid_sampling_restores_everything(host):
     """An exception (or the WebUI's interrupt, raised from a block) in the middle of a call: the
-    restore leaves the model as before and the next generation is unaffected."""
+    restore leaves the model (and Forge's UnetPatcher) as before, checked in `run`, and the next
+    generation is unaffected."""
     unet = ldm_unet("sd15")
     calls = []
 
