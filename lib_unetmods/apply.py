@@ -4,12 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
 import torch.nn as nn
 
 from .clock import StepClock
 from .composition import PassInfo, resolve_conflicts
-from .forward import ForwardHooks, Refused, UNetCall, foreign_forward, install_forward
+from .forward import ForwardHooks, Refused, install_forward
 from .patcher import Patcher, restore_model
 from .settings import Settings
 from .techniques import SPECS, TECHNIQUES
@@ -45,37 +44,14 @@ class ApplyContext:
         self.messages.append(f"{SPECS[self.technique].title}: {message}")
 
     def forward_hooks(self) -> ForwardHooks:
-        """The hooked UNet forward, installed on first use; raises Refused where it cannot be."""
+        """The block-level hook points (forward.py), installed on first use; raises Refused where
+        they cannot run (classic Forge)."""
         if self._hooks is None:
-            self._hooks = install_forward(self.unet, self.patcher, self.clock)
+            self._hooks = install_forward(self.unet, self.patcher, self.clock, self.map)
         return self._hooks
 
     def hook(self, point: str, fn: Callable[..., Any]) -> None:
         self.forward_hooks().add(point, fn, self.patcher, self.technique)
-
-    def before_concat(self, fn: Callable[[int, torch.Tensor, torch.Tensor, UNetCall | None], tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """before_concat through the hooked forward, or, where another extension owns the forward
-        or the host's UNet is Forge's, through pre-hooks on the output blocks, whose input is
-        cat([h, skip]) (h channels first). The hook then gets None for the call."""
-        own_forward = foreign_forward(self.unet) is None and self.map.host in ("ldm", "sgm")
-        if own_forward:
-            self.hook("before_concat", fn)
-            return
-        if self.map.host == "forge_classic":
-            raise Refused("classic Forge calls the UNet blocks without their hooks; this technique cannot run there")
-        if self.map.host in ("ldm", "sgm"):
-            self.warn("another extension owns the UNet forward; using output-block hooks")
-        for i, block in enumerate(self.unet.output_blocks):
-            self.patcher.add_handle(block.register_forward_pre_hook(self._split_concat(i, fn)), self.technique)
-
-    def _split_concat(self, i: int, fn: Callable[..., Any]) -> Callable[..., Any]:
-        h_channels = self.map.h_channels[i]
-
-        def pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-            h, skip = fn(i, args[0][:, :h_channels], args[0][:, h_channels:], None)
-            return (torch.cat([h, skip], dim=1), *args[1:])
-
-        return pre_hook
 
 
 @dataclass

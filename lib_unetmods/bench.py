@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--unet-size", choices=("full", "tiny"), default="full",
                     help="tiny: 32 model channels, same layout (for quick checks)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--host", choices=("ldm", "forge", "controlnet"), default="ldm",
+                    help="UNet host: the stand-ins of tests/hosts (Forge's UNet and batch layout, ControlNet's forward); "
+                         "from a checkout only")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="one JSON object per configuration on stdout")
     ap.add_argument("--out", default="bench-out", help="folder for the chart")
@@ -90,6 +93,16 @@ def load_unet(args: argparse.Namespace) -> nn.Module:
                  if k.startswith(prefix) or not k.startswith("model.")}
         unet.load_state_dict(state, strict=True)
     return unet.to(args.device)
+
+
+def host_unet(args: argparse.Namespace, unet: nn.Module) -> tuple[nn.Module, Callable[..., torch.Tensor]]:
+    """The UNet and its sampler on the chosen host; the stand-ins live in the checkout's tests/."""
+    if args.host == "ldm":
+        return unet, euler_sample
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from hosts import bench_host
+
+    return bench_host(args.host, unet)
 
 
 def make_configs(args: argparse.Namespace, family: str) -> list[Config]:
@@ -153,7 +166,7 @@ def run_config(unet: nn.Module, config: Config, inputs: dict, args: argparse.Nam
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        out = memory.run(lambda: euler_sample(unet, inputs["noise"], inputs["cond"], inputs["uncond"], args.steps, clock,
+        out = memory.run(lambda: args.sample(unet, inputs["noise"], inputs["cond"], inputs["uncond"], args.steps, clock,
                                               y=inputs["y"]))
         elapsed = time.perf_counter() - start
     finally:
@@ -176,7 +189,7 @@ def fmt_time(seconds: float) -> str:
 
 def benchmark(args: argparse.Namespace) -> list[Config]:
     torch.manual_seed(args.seed)
-    unet = load_unet(args)
+    unet, args.sample = host_unet(args, load_unet(args))
     family = map_unet(unet).family
     configs = make_configs(args, family)
     sample_inputs = example_inputs(unet, batch=2 * args.batch, height=args.height // 8, width=args.width // 8, seed=args.seed)
@@ -190,12 +203,12 @@ def benchmark(args: argparse.Namespace) -> list[Config]:
     total = args.repeats * (len(others) + 2)
     done, started = 0, time.perf_counter()
     log = sys.stderr
-    print(f"{args.arch} ({args.unet_size}, {family}) {args.width}x{args.height}, {args.steps} steps, "
+    print(f"{args.arch} on {args.host} ({args.unet_size}, {family}) {args.width}x{args.height}, {args.steps} steps, "
           f"{2 * args.batch} UNet rows, {args.device}, SDPA attention: {total} runs", file=log)
     with ExitStack() as stack:
         stack.enter_context(sdpa_attention())
         stack.enter_context(webui_cat_fix())
-        euler_sample(unet, inputs["noise"], inputs["cond"], inputs["uncond"], 1, StepClock(), y=inputs["y"])  # warm-up
+        args.sample(unet, inputs["noise"], inputs["cond"], inputs["uncond"], 1, StepClock(), y=inputs["y"])  # warm-up
         for r in range(args.repeats):
             order = others if r % 2 == 0 else others[::-1]
             round_times = []
@@ -218,7 +231,7 @@ def report(configs: list[Config], args: argparse.Namespace) -> None:
     for config in configs:
         ratios = config.ratios
         rows.append({
-            "arch": args.arch, "unet": args.unet_size, "size": f"{args.width}x{args.height}", "steps": args.steps,
+            "arch": args.arch, "host": args.host, "unet": args.unet_size, "size": f"{args.width}x{args.height}", "steps": args.steps,
             "batch": args.batch, "label": config.label, "mods": config.mods,
             "baseline_s": statistics.median(baseline.times), "patched_s": statistics.median(config.times),
             "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),

@@ -1,22 +1,32 @@
-"""The UNet forward with hook points.
+"""Hook points of the UNet forward, placed on the UNet's blocks instead of in a forward of our own.
 
-It reproduces the ldm/sgm `UNetModel.forward` operation for operation, so with no hook in a list
-its output is bit-identical. It looks up `th` (A1111 replaces it with its size-fixing `cat`) and
-`timestep_embedding` in the UNet class's own module on every call, so host hijacks keep working.
+Every host runs the same loop (time embedding, input blocks with a skip list, middle block,
+output blocks on cat([h, skip]), `out`) and calls each block as a module: A1111's ldm/sgm
+forward, another extension's copy of it (sd-webui-controlnet adds its residuals to the skips
+and the middle output), and Forge's `IntegratedUNet2DConditionModel` (which applies `control`
+in place, passes `transformer_options` and the next skip's shape to each output block). So the
+points live where those loops meet: torch hooks on the UNet module (begin, end) and one
+instance forward per block that runs the technique hooks around the block's own forward. The
+UNet's forward is never replaced, whoever owns it; with no hook installed nothing is touched,
+and with hooks that change nothing the output is bit-identical (same operations, same order).
+
+Classic Forge calls the blocks' children directly (`forward_timestep_embed`), so block-level
+points cannot run there: `install_forward` refuses with a message.
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .clock import StepClock
 from .patcher import Patcher
+from .unet_map import UNetMap, map_unet
 
-POINTS = ("begin", "after_input", "after_skip", "after_middle", "before_concat", "after_output", "end")
+POINTS = ("begin", "after_input", "after_skip", "after_middle", "to_skip", "before_concat", "after_output", "end")
 
 
 class Refused(Exception):
@@ -25,12 +35,15 @@ class Refused(Exception):
 
 @dataclass
 class Shortcut:
-    """Skip the deep blocks: run input_blocks[0..last_input], then output_blocks[first_output..]
-    with `h` as the tensor entering output_blocks[first_output] before its concat (DeepCache)."""
+    """Skip the deep blocks (DeepCache): input_blocks[last_input + 1..], the middle block and
+    output_blocks[..first_output - 1] return at once; the block feeding output_blocks[first_output]
+    returns `h`, the others zeros of the shapes they had on the full call (`shapes`), so a host's
+    loop that adds to or concatenates them still runs."""
 
     last_input: int
     first_output: int
     h: torch.Tensor
+    shapes: dict[tuple[str, int], torch.Size]
 
 
 @dataclass
@@ -43,92 +56,221 @@ class UNetCall:
     clock: StepClock
     state: dict[str, Any] = field(default_factory=dict)  # scratch space shared by hooks
     shortcut: Shortcut | None = None
+    skips: list[torch.Tensor] = field(default_factory=list)  # input blocks' outputs, as the host stores them
+    shapes: dict[tuple[str, int], torch.Size] = field(default_factory=dict)  # output shape of each block run
     next_skip_size: tuple[int, ...] | None = None  # skip size of the next output block's concat
+    residuals: bool = False  # a skip reached its concat changed: the host adds residuals (ControlNet)
+    # a hook resized the features (Deep Shrink): every Upsample is ldm's plain x2 (Forge's would go
+    # to the next skip's shape by nearest), and the to_skip hooks resize h, so all hosts agree
+    x2_upsample: bool = False
+
+    @property
+    def control(self) -> bool:
+        """Forge passes its ControlNet's residuals as `control` (lists of tensors or None)."""
+        control = self.kwargs.get("control")
+        return isinstance(control, dict) and any(t is not None for v in control.values() for t in (v or ()))
+
+    def rows(self) -> tuple[list[int], list[int]] | None:
+        return batch_rows(self.kwargs, self.clock, self.x.shape[0])
+
+    def skip_size(self, output_index: int) -> tuple[int, ...] | None:
+        """Spatial size of the skip output_blocks[output_index] concatenates (None past the last)."""
+        j = len(self.skips) - 1 - output_index
+        return tuple(self.skips[j].shape[2:]) if 0 <= j < len(self.skips) else None
+
+
+def batch_rows(kwargs: dict[str, Any], clock: StepClock, batch: int) -> tuple[list[int], list[int]] | None:
+    """(cond row indices, uncond row indices) of a UNet call's batch, or None if unknown: Forge's
+    `transformer_options` (uncond chunk first, or one call per chunk), else the clock's A1111
+    layout (cond rows, then uncond rows)."""
+    options = kwargs.get("transformer_options")
+    if isinstance(options, dict) and "cond_indices" in options:
+        return list(options["cond_indices"]), list(options["uncond_indices"])
+    nc, nu = clock.cond_rows, clock.uncond_rows
+    if nc is None or nu is None or nc + nu != batch:
+        return None
+    return list(range(nc)), list(range(nc, nc + nu))
+
+
+def _split_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    names = ("x", "timesteps", "context", "y")
+    return tuple(args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(names))  # type: ignore[return-value]
 
 
 class ForwardHooks:
     """Hook lists by point, called in registration order (= technique order):
-    begin(call), which may replace call.x / timesteps / context / y or set call.shortcut; after_input(i, h, call) -> h, before the skip is saved (so it changes the skip);
-    after_skip(i, h, call) -> h, after it is saved; after_middle(h, call) -> h;
-    before_concat(i, h, skip, call) -> (h, skip); after_output(i, h, call) -> h; end(out, call) -> out.
+    begin(call), may set call.shortcut; after_input(i, h, call) -> h, before the skip is saved
+    (so it changes the skip); after_skip(i, h, call) -> h, after it is saved; after_middle(h, call)
+    -> h; to_skip(i, h, size, call) -> h, where h leaves the block that feeds output_blocks[i]
+    (size: the skip's spatial size; resize h there, the host concatenates next);
+    before_concat(i, h, skip, call) -> (h, skip), same sizes; after_output(i, h, call) -> h;
+    end(out, call) -> out.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, unet: nn.Module, h_channels: list[int], clock: StepClock) -> None:
+        self.unet, self.h_channels, self.clock = unet, h_channels, clock
         self.lists: dict[str, list[Callable[..., Any]]] = {p: [] for p in POINTS}
+        self.current: UNetCall | None = None
+        # output blocks at whose concat the skip is compared with the input block's output, to see
+        # whether the host adds residuals (one comparison, and on a GPU one sync, per block and call)
+        self.watch_residuals: set[int] = set()
 
     def add(self, point: str, fn: Callable[..., Any], patcher: Patcher, owner: str = "") -> None:
         hooks = self.lists[point]
         hooks.append(fn)
         patcher.on_restore(lambda: hooks.remove(fn), owner)
 
+    # --- the UNet call ---------------------------------------------------------------------
 
-def _unet_forward(unet: nn.Module, hooks: ForwardHooks, clock: StepClock) -> Callable[..., torch.Tensor]:
-    host_module = sys.modules[type(unet).__module__]
-    cast_input = not type(unet).__module__.startswith("sgm")  # sgm keeps x's dtype, ldm casts
-    begin, after_input, after_skip, after_middle, before_concat, after_output, end = (hooks.lists[p] for p in POINTS)
-
-    def forward(x: torch.Tensor, timesteps: torch.Tensor | None = None, context: Any = None,
-                y: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-        assert (y is not None) == (unet.num_classes is not None), "must specify y if and only if the model is class-conditional"
-        th = getattr(host_module, "th", torch)
-        clock.calls_in_step += 1
-        call = UNetCall(x, timesteps, context, y, kwargs, clock)
-        for fn in begin:
+    def _begin(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x, timesteps, context, y = _split_call(args, kwargs)
+        self.clock.calls_in_step += 1
+        call = UNetCall(x, timesteps, context, y, kwargs, self.clock)
+        self.current = call
+        for fn in self.lists["begin"]:
             fn(call)
-        x, timesteps, context, y = call.x, call.timesteps, call.context, call.y  # begin hooks may replace them
-        hs = []
-        t_emb = host_module.timestep_embedding(timesteps, unet.model_channels, repeat_only=False)
-        emb = unet.time_embed(t_emb)
-        if unet.num_classes is not None:
-            assert y.shape[0] == x.shape[0]
-            emb = emb + unet.label_emb(y)
-        h = x.type(unet.dtype) if cast_input else x
-        shortcut = call.shortcut
-        n_inputs = shortcut.last_input + 1 if shortcut else len(unet.input_blocks)
-        for i in range(n_inputs):
-            h = unet.input_blocks[i](h, emb, context)
-            for fn in after_input:
-                h = fn(i, h, call)
-            hs.append(h)
-            for fn in after_skip:
-                h = fn(i, h, call)
-        if shortcut:
-            h, first_output = shortcut.h, shortcut.first_output
-        else:
-            h, first_output = unet.middle_block(h, emb, context), 0
-            for fn in after_middle:
-                h = fn(h, call)
-        for i in range(first_output, len(unet.output_blocks)):
-            skip = hs.pop()
-            for fn in before_concat:
-                h, skip = fn(i, h, skip, call)
-            call.next_skip_size = tuple(hs[-1].shape[2:]) if hs else None
-            h = th.cat([h, skip], dim=1)
-            h = unet.output_blocks[i](h, emb, context)
-            for fn in after_output:
-                h = fn(i, h, call)
-        h = h.type(x.dtype)
-        out = unet.id_predictor(h) if getattr(unet, "predict_codebook_ids", False) else unet.out(h)
-        for fn in end:
+
+    def _end(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
+        call, self.current = self.current, None  # cleared first: an end hook may call the UNet again
+        if call is None or out is None:  # out is None when the forward raised (always_call)
+            return None
+        for fn in self.lists["end"]:
             out = fn(out, call)
         return out
 
-    forward.__unetmods__ = True  # type: ignore[attr-defined]
-    return forward
+    # --- the blocks ------------------------------------------------------------------------
+
+    def _placeholder(self, call: UNetCall, key: tuple[str, int]) -> torch.Tensor:
+        sc = call.shortcut
+        if (key == ("middle", 0) and sc.first_output == 0) or key == ("output", sc.first_output - 1):
+            return sc.h
+        return torch.zeros((), dtype=sc.h.dtype, device=sc.h.device).expand(sc.shapes[key])
+
+    @staticmethod
+    def _align_control(call: UNetCall, name: str, like: torch.Tensor) -> None:
+        """Forge adds `control[name][-1]` to `like` next, in place, and skips a residual of another
+        size with a warning: where a hook resized the features (Deep Shrink, RAU-Net), resize the
+        residual by nearest first, as sd-webui-controlnet's `aligned_adding` does on A1111."""
+        control = call.kwargs.get("control")
+        residuals = control.get(name) if isinstance(control, dict) else None
+        if residuals and residuals[-1] is not None and residuals[-1].shape[-2:] != like.shape[-2:]:
+            residuals[-1] = F.interpolate(residuals[-1], size=tuple(like.shape[-2:]), mode="nearest")
+
+    def _after_skip(self, i: int, h: torch.Tensor, call: UNetCall) -> torch.Tensor:
+        for fn in self.lists["after_skip"]:
+            h = fn(i, h, call)
+        return h
+
+    def _to_skip(self, i: int, h: torch.Tensor, call: UNetCall) -> torch.Tensor:
+        size = call.skip_size(i)
+        if size is not None:
+            for fn in self.lists["to_skip"]:
+                h = fn(i, h, size, call)
+        return h
+
+    def input_forward(self, i: int, inner: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(h: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            call = self.current
+            if call is None:
+                return inner(h, *args, **kwargs)
+            if i == 0:
+                call.skips.clear()
+            if call.shortcut is not None and i > call.shortcut.last_input:
+                h = self._placeholder(call, ("input", i))
+            else:
+                if i > 0:
+                    h = self._after_skip(i - 1, h, call)
+                h = inner(h, *args, **kwargs)
+                for fn in self.lists["after_input"]:
+                    h = fn(i, h, call)
+            call.skips.append(h)
+            call.shapes["input", i] = h.shape
+            self._align_control(call, "input", h)
+            return h
+
+        return forward
+
+    def middle_forward(self, inner: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(h: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            call = self.current
+            if call is None:
+                return inner(h, *args, **kwargs)
+            if call.shortcut is not None:
+                return self._placeholder(call, ("middle", 0))
+            h = self._after_skip(len(call.skips) - 1, h, call)
+            h = inner(h, *args, **kwargs)
+            for fn in self.lists["after_middle"]:
+                h = fn(h, call)
+            h = self._to_skip(0, h, call)
+            call.shapes["middle", 0] = h.shape
+            self._align_control(call, "middle", h)
+            if call.skips:
+                self._align_control(call, "output", call.skips[-1])
+            return h
+
+        return forward
+
+    def output_forward(self, i: int, inner: Callable[..., Any]) -> Callable[..., Any]:
+        h_channels = self.h_channels[i]
+
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            call = self.current
+            if call is None:
+                return inner(x, *args, **kwargs)
+            if call.shortcut is not None and i < call.shortcut.first_output:
+                return self._placeholder(call, ("output", i))
+            watch = i in self.watch_residuals
+            if self.lists["before_concat"] or watch:
+                h, skip = x[:, :h_channels], x[:, h_channels:]
+                if watch and not call.residuals:
+                    own = call.skips[len(call.skips) - 1 - i] if i < len(call.skips) else None
+                    call.residuals = own is not None and (own.shape != skip.shape or not torch.equal(own, skip))
+                for fn in self.lists["before_concat"]:
+                    h, skip = fn(i, h, skip, call)
+                x = torch.cat([h, skip], dim=1)
+            call.next_skip_size = call.skip_size(i + 1)
+            if call.x2_upsample:
+                args, kwargs = _without_output_shape(args, kwargs)
+            h = inner(x, *args, **kwargs)
+            for fn in self.lists["after_output"]:
+                h = fn(i, h, call)
+            h = self._to_skip(i + 1, h, call)
+            call.shapes["output", i] = h.shape
+            j = len(call.skips) - 2 - i  # the skip output_blocks[i + 1] pops next
+            if j >= 0:
+                self._align_control(call, "output", call.skips[j])
+            return h
+
+        return forward
 
 
-def foreign_forward(unet: nn.Module) -> Callable[..., Any] | None:
-    """A forward another extension installed on the instance (ControlNet does), if any."""
-    fn = unet.__dict__.get("forward")
-    return None if fn is None or getattr(fn, "__unetmods__", False) else fn
+def _without_output_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Forge's output block call (h, emb, context, transformer_options, output_shape) without the shape."""
+    if "output_shape" in kwargs:
+        return args, {**kwargs, "output_shape": None}
+    return (*args[:3], None, *args[4:]) if len(args) >= 4 else args, kwargs
 
 
-def install_forward(unet: nn.Module, patcher: Patcher, clock: StepClock) -> ForwardHooks:
-    """Replace the instance's forward by the hooked one (undone by the patcher)."""
-    if foreign_forward(unet) is not None:
-        raise Refused("another extension replaced the UNet forward (ControlNet?); this technique needs its own forward")
-    if not type(unet).__module__.startswith(("ldm.", "sgm.")) or not hasattr(sys.modules[type(unet).__module__], "timestep_embedding"):
-        raise Refused(f"the hooked forward supports the ldm/sgm UNet, not {type(unet).__module__}.{type(unet).__name__}")
-    hooks = ForwardHooks()
-    patcher.set_attr(unet, "forward", _unet_forward(unet, hooks, clock), "forward")
+def _inner(module: nn.Module) -> Callable[..., Any]:
+    """The forward in place now: an instance forward another technique or extension set, else
+    the class's, looked up per call (so a later class-level replacement still runs)."""
+    own = module.__dict__.get("forward")
+    return own if own is not None else (lambda *args, **kwargs: type(module).forward(module, *args, **kwargs))
+
+
+def install_forward(unet: nn.Module, patcher: Patcher, clock: StepClock, umap: UNetMap | None = None) -> ForwardHooks:
+    """Install the hook points on the UNet and its blocks (undone by the patcher)."""
+    umap = umap or map_unet(unet)
+    if umap.host == "forge_classic":
+        raise Refused("classic Forge calls the UNet blocks' layers directly, so block-level hooks never run there")
+    hooks = ForwardHooks(unet, umap.h_channels, clock)
+    patcher.add_handle(unet.register_forward_pre_hook(hooks._begin, with_kwargs=True), "forward")
+    patcher.add_handle(unet.register_forward_hook(hooks._end, with_kwargs=True, always_call=True), "forward")
+    for i, block in enumerate(unet.input_blocks):
+        patcher.set_attr(block, "forward", hooks.input_forward(i, _inner(block)), "forward")
+    patcher.set_attr(unet.middle_block, "forward", hooks.middle_forward(_inner(unet.middle_block)), "forward")
+    for i, block in enumerate(unet.output_blocks):
+        patcher.set_attr(block, "forward", hooks.output_forward(i, _inner(block)), "forward")
+    patcher.on_restore(lambda: setattr(hooks, "current", None), "forward")
     return hooks
+

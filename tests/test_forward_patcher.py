@@ -20,9 +20,18 @@ def test_hooked_forward_without_hooks_is_bit_identical(tiny_unet, make_inputs):
     expected = tiny_unet(**inputs)
     before = snapshot(tiny_unet)
     patcher = Patcher(tiny_unet)
-    install_forward(tiny_unet, patcher, StepClock())
-    assert "forward" in tiny_unet.__dict__
-    assert torch.equal(tiny_unet(**inputs, some_unknown_kwarg=1), expected)
+    hooks = install_forward(tiny_unet, patcher, StepClock())
+    assert "forward" not in tiny_unet.__dict__  # the UNet forward stays whoever's it is
+    assert all("forward" in b.__dict__ for b in [*tiny_unet.input_blocks, tiny_unet.middle_block, *tiny_unet.output_blocks])
+    assert torch.equal(tiny_unet(**inputs), expected)
+    seen = []
+    for point, fn in {"begin": lambda call: seen.append(point), "after_input": lambda i, h, call: h,
+                      "after_skip": lambda i, h, call: h, "after_middle": lambda h, call: h,
+                      "to_skip": lambda i, h, size, call: h, "before_concat": lambda i, h, skip, call: (h, skip),
+                      "after_output": lambda i, h, call: h, "end": lambda out, call: seen.append(out) or out}.items():
+        hooks.add(point, fn, patcher)
+    assert torch.equal(tiny_unet(**inputs), expected)  # pass-through hooks at every point: bit-identical
+    assert len(seen) == 2 and seen[1] is not None
     patcher.restore()
     assert_restored(tiny_unet, before)
 
@@ -97,23 +106,27 @@ def test_transaction_rolls_back_a_failing_technique(make_unet):
     assert_restored(unet, before)
 
 
-def test_foreign_forward_is_detected_and_freeu_falls_back_to_block_hooks(make_unet, make_inputs):
+def test_a_foreign_forward_does_not_disable_the_hook_points(make_unet, make_inputs):
+    """Another extension's forward on the instance (ControlNet's pattern: its own loop calling the
+    blocks) or its leftover (the class forward bound to the UNet) leaves the block hooks working."""
     unet = make_unet("sd15")
     inputs = make_inputs(unet, batch=2, height=16, width=16)
-    clock = StepClock()
-    applied = apply_mods(unet, Settings.from_text(FREEU_ON), clock)
+    plain = unet(**inputs)
+    applied = apply_mods(unet, Settings.from_text(FREEU_ON), StepClock())
     expected = unet(**inputs)
     applied.restore()
+    assert not torch.allclose(expected, plain, rtol=1e-3, atol=1e-4)
 
     class_forward = type(unet).forward
-    unet.forward = types.MethodType(lambda self, *a, **k: class_forward(self, *a, **k), unet)  # e.g. ControlNet
-    with pytest.raises(Refused):
-        install_forward(unet, Patcher(unet), clock)
-    applied = apply_mods(unet, Settings.from_text(FREEU_ON), clock)
-    assert any("another extension" in m for m in applied.messages)
-    assert torch.allclose(unet(**inputs), expected, rtol=1e-5, atol=1e-6)
-    applied.restore()
-    assert not any(block._forward_pre_hooks for block in unet.output_blocks)
+    for foreign in (types.MethodType(lambda self, *a, **k: class_forward(self, *a, **k), unet), unet.forward):
+        unet.forward = foreign
+        applied = apply_mods(unet, Settings.from_text(FREEU_ON), StepClock())
+        assert applied.applied == ["freeu"] and applied.messages == []
+        assert unet.__dict__["forward"] is foreign
+        assert torch.equal(unet(**inputs), expected)
+        applied.restore()
+        assert torch.equal(unet(**inputs), plain)
+        del unet.forward
 
 
 def test_unsupported_model_is_skipped_with_a_message():

@@ -304,7 +304,9 @@ def test_ndcfg_reduces_to_cfg_and_combines_as_the_reference():
 def test_ndcfg_rows_give_the_reference_formula():
     g = torch.Generator().manual_seed(0)
     cond, uncond, mild = (torch.randn(n, 4, 3, 3, generator=g) for n in (4, 2, 2))  # 2 images, 2 sub-prompts each
-    rows = sc.ndcfg_rows(torch.cat([cond, uncond]), mild, 4, 2)
+    rows = sc.ndcfg_rows(torch.cat([cond, uncond]), mild, [0, 1, 2, 3], [4, 5])
+    forge = sc.ndcfg_rows(torch.cat([uncond, cond]), mild, [2, 3, 4, 5], [0, 1])  # Forge: uncond chunk first
+    assert torch.equal(forge, torch.cat([rows[4:], rows[:4]]))
     w = 7.0
     for img in range(2):
         host = rows[4 + img] + sum(0.5 * w * (rows[2 * img + k] - rows[4 + img]) for k in range(2))

@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
+from ..forward import batch_rows
 from ..params import Param, TechniqueSpec, auto_values_param
 from ..sampler import TRAIN_SIGMAS
 
@@ -330,10 +331,11 @@ def _hook_unet_call(ctx: Any, values: dict[str, Any], shift: list[float] | None,
         if colour_map is None or clock.step >= values["cm_stop"]:
             return None
         x, t = _call_inputs(args, kwargs)
-        n_cond, n_uncond = clock.cond_rows, clock.uncond_rows
-        if n_cond is None or not n_uncond or n_cond + n_uncond != x.shape[0]:
+        rows = batch_rows(kwargs, clock, x.shape[0])
+        if rows is None:  # one chunk alone (Forge's split calls) is fine: cond and uncond rows share x
             warn_once("the batch layout (cond rows, uncond rows) is unknown; colour map skipped")
             return None
+        order = rows[0] + rows[1]  # cond rows first, as colour_map_push expects
         sigma = sigmas(x, t)
         if sigma is None:
             return None
@@ -342,7 +344,8 @@ def _hook_unet_call(ctx: Any, values: dict[str, Any], shift: list[float] | None,
         boxes = region_boxes(x.shape[-2], x.shape[-1], cells, values["cm_mode"])
         ratios = [colour_map_ratio(v, clock.step, values["cm_strength"], values["cm_stop"], clock.hires) for v in vectors]
         noisy = x[:, :4].double() / c_in  # the sampler's latent (an inpainting UNet's extra channels follow)
-        delta = colour_map_push(noisy, n_cond, boxes, vectors, ratios) - noisy
+        delta = torch.zeros_like(noisy)
+        delta[order] = colour_map_push(noisy[order], len(rows[0]), boxes, vectors, ratios) - noisy[order]
         pending["correction"] = c_skip * delta / c_out
         x = x.clone()
         x[:, :4] += (delta * c_in).to(x.dtype)

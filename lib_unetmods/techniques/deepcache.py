@@ -11,6 +11,12 @@ step % interval == 0. The non-uniform curve is the experimental pipeline's
 0.3). The A1111 port counts UNet calls and keeps one cache for everything; here the decision is
 per step and the cache is per call of the step, and a cheap step without a valid cache runs in
 full (see `DeepCacheState`).
+
+Control residuals (sd-webui-controlnet's forward on A1111, `control` on Forge) are added to the
+skips and the middle output, including the deep ones a cheap step does not run: while they are
+present every step runs in full, so ControlNet keeps its whole effect. Forge's `control` is seen
+before the call; A1111's residuals are seen at the shallow skip's concat, so a cheap step in
+which ControlNet starts (guidance start > 0) lacks the deep residuals for that step only.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from typing import Any, Hashable
 import numpy as np
 import torch
 
-from ..forward import Refused, Shortcut, UNetCall, foreign_forward
+from ..forward import Shortcut, UNetCall
 from ..params import Param, TechniqueSpec
 
 FEW_STEPS = 15  # below this DeepCache saves little and costs visible quality
@@ -135,7 +141,8 @@ class DeepCacheState:
     last_input: int
     first_output: int
     cheap_scheduled: Any  # (clock) -> bool
-    entries: dict[Hashable, torch.Tensor] = field(default_factory=dict)
+    control: bool = False  # the last call saw control residuals
+    entries: dict[Hashable, tuple[torch.Tensor, dict[Any, torch.Size]]] = field(default_factory=dict)
     levels: dict[int, float] = field(default_factory=dict)  # call index -> last noise level
     passes: int | None = None
     step_id: tuple[int, int] | None = None
@@ -145,7 +152,7 @@ class DeepCacheState:
     def begin(self, call: UNetCall) -> None:
         clock = call.clock
         if clock.passes != self.passes:
-            self.passes, self.last_full, self.step_id = clock.passes, None, None
+            self.passes, self.last_full, self.step_id, self.control = clock.passes, None, None, False
             self.entries.clear()
             self.levels.clear()
         index = clock.calls_in_step - 1
@@ -157,7 +164,10 @@ class DeepCacheState:
         sid = (clock.passes, clock.step)
         if sid != self.step_id:
             self.step_id, self.step_full = sid, not self.cheap_scheduled(clock)
-        key = (index, tuple(call.x.shape), clock.cond_rows, clock.uncond_rows)
+        if self.control or call.control:
+            self.step_full = True
+        rows = call.rows()
+        key = (index, tuple(call.x.shape), None if rows is None else tuple(map(tuple, rows)))
         cached = self.entries.get(key)
         if cached is None:
             self.step_full = True  # the rest of this step runs in full as well
@@ -167,16 +177,20 @@ class DeepCacheState:
                 self.last_full = sid
             call.state["deepcache_key"] = key
             return
-        call.shortcut = Shortcut(self.last_input, self.first_output, cached)
+        call.shortcut = Shortcut(self.last_input, self.first_output, *cached)
 
-    def capture(self, i: int, h: torch.Tensor, skip: torch.Tensor, call: UNetCall | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def capture(self, i: int, h: torch.Tensor, skip: torch.Tensor, call: UNetCall) -> tuple[torch.Tensor, torch.Tensor]:
         """On a full call, keep the h entering output_blocks[first_output] (before other techniques'
-        before_concat hooks, which run again on cheap steps)."""
-        if i == self.first_output and call is not None:
+        before_concat hooks, which run again on cheap steps) and the shapes of the blocks before it."""
+        if i == self.first_output:
             key = call.state.get("deepcache_key")
             if key is not None:
-                self.entries[key] = h
+                self.entries[key] = (h, dict(call.shapes))
         return h, skip
+
+    def end(self, out: torch.Tensor, call: UNetCall) -> torch.Tensor:
+        self.control = call.control or call.residuals
+        return out
 
 
 # --- wiring ------------------------------------------------------------------------------
@@ -184,9 +198,6 @@ class DeepCacheState:
 def apply(ctx: Any, values: dict[str, Any]) -> None:
     if ctx.hires and not values["hires"]:
         return
-    if foreign_forward(ctx.unet) is not None:
-        raise Refused("another extension (ControlNet?) replaced the UNet forward; skipping blocks would drop "
-                      "its residuals, so DeepCache is off for this pass")
     clock = ctx.clock
     if not cheap_steps(values, clock):
         ctx.warn(f"no step of this {clock.total_steps}-step pass is cheap (interval {values['interval']}, "
@@ -216,4 +227,6 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
     state = DeepCacheState(last_input, first_output, cheap_scheduled)
     ctx.hook("begin", state.begin)
     ctx.hook("before_concat", state.capture)
+    ctx.hook("end", state.end)
+    ctx.forward_hooks().watch_residuals.add(first_output)
     ctx.patcher.on_restore(state.entries.clear, ctx.technique)

@@ -192,12 +192,13 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
         if size == tuple(h.shape[-2:]):
             return h
         call.state[STATE_KEY] = size
+        call.x2_upsample = True
         return resize(h, size, down)
 
-    def match_skip(i: int, h: torch.Tensor, skip: torch.Tensor, call: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if STATE_KEY in call.state and h.shape[-2:] != skip.shape[-2:]:
-            h = resize(h, skip.shape[-2:], up)
-        return h, skip
+    def match_skip(i: int, h: torch.Tensor, size: tuple[int, ...], call: Any) -> torch.Tensor:
+        if STATE_KEY in call.state and tuple(h.shape[-2:]) != tuple(size):
+            h = resize(h, size, up)
+        return h
 
     ctx.hook("after_skip" if values["after_skip"] else "after_input", shrink)
-    ctx.hook("before_concat", match_skip)
+    ctx.hook("to_skip", match_skip)

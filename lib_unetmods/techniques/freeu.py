@@ -182,4 +182,4 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
             return h, skip
         return freeu_join(h, skip, values, stage, ratio)
 
-    ctx.before_concat(join)
+    ctx.hook("before_concat", join)

@@ -352,14 +352,14 @@ def _wrap_upsample(ctx: Any, upsample: nn.Module, is_rau: bool, mode: str, curre
                    active: Callable[[], tuple[bool, bool]]) -> None:
     previous = upsample.forward
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # Forge passes output_shape
         call = current[0]
         size = call.next_skip_size if call is not None else None
         if size is None:
-            return previous(x)
+            return previous(x, *args, **kwargs)
         use = mode if is_rau and active()[0] else "nearest"
         if use == "nearest" and tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
-            return previous(x)
+            return previous(x, *args, **kwargs)
         return upsample_to(upsample, x, size, use)
 
     ctx.patcher.set_attr(upsample, "forward", forward, ctx.technique)

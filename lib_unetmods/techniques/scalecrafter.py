@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -318,23 +318,35 @@ def redilate(conv: nn.Conv2d, x: torch.Tensor, s: float, r: torch.Tensor | None 
 
 # --- noise-damped CFG -----------------------------------------------------------------------
 
-def ndcfg_rows(out: torch.Tensor, uncond_mild: torch.Tensor, cond_rows: int, uncond_rows: int) -> torch.Tensor:
+def ndcfg_rows(out: torch.Tensor, uncond_mild: torch.Tensor, cond: Sequence[int], uncond: Sequence[int]) -> torch.Tensor:
     """Rows for which the host's CFG, uncond + sum_k w_k (cond_k - uncond), yields
     uncond_mild + sum_k w_k (cond_k - uncond_main) (reference text2image.py, step 3).
-    Cond rows come first, `cond_rows // uncond_rows` per image, then the uncond rows."""
-    per_image = cond_rows // uncond_rows
-    cond, uncond = out[:cond_rows], out[cond_rows:cond_rows + uncond_rows]
-    shift = (uncond_mild - uncond).repeat_interleave(per_image, dim=0)
-    return torch.cat([cond + shift, uncond_mild, out[cond_rows + uncond_rows:]])
+    `cond` / `uncond`: the row indices of each kind (A1111: cond rows first; Forge: uncond chunk
+    first), `len(cond) // len(uncond)` cond rows per image, in image order; no cond rows: the
+    uncond rows alone (Forge's split calls, the cond call gets the shift)."""
+    shift = (uncond_mild - out[uncond]).repeat_interleave(len(cond) // len(uncond), dim=0)
+    result = out.clone()
+    result[cond] = out[cond] + shift
+    result[uncond] = uncond_mild
+    return result
 
 
-def _rows(value: Any, rows: slice, batch: int) -> Any:
+def _rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
         return value[rows]
     if isinstance(value, (list, tuple)):
         return type(value)(_rows(v, rows, batch) for v in value)
     if isinstance(value, dict):
         return {k: _rows(v, rows, batch) for k, v in value.items()}
+    return value
+
+
+def _fresh_containers(value: Any) -> Any:
+    """Copies of the dicts and lists (not of the tensors) in a UNet call's arguments."""
+    if isinstance(value, dict):
+        return {k: _fresh_containers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_fresh_containers(v) for v in value)
     return value
 
 
@@ -349,6 +361,7 @@ class Runtime:
         self.plans: dict[tuple[int, int], Plan] = {}
         self.size: tuple[int, int] | None = None
         self.ndcfg_pass = False
+        self.pending: tuple[tuple[int, int], torch.Tensor] | None = None  # (pass, step), uncond_mild - uncond
         self.inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._factors: dict[tuple[Any, ...], dict[str, tuple[float, bool]]] = {}
         self.warned: set[str] = set()
@@ -372,7 +385,7 @@ class Runtime:
             return
         x = args[0] if args else kwargs["x"]
         self.size = tuple(x.shape[-2:])  # type: ignore[assignment]
-        self.inputs = (args, kwargs)
+        self.inputs = (args, _fresh_containers(kwargs))  # Forge's forward pops its control lists
 
     def conv_forward(self, name: str, conv: nn.Conv2d) -> Any:
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -388,21 +401,40 @@ class Runtime:
         clock = self.ctx.clock
         if self.ndcfg_pass or plan is None or plan.ndcfg is None or clock.step >= int(plan.ndcfg_stop * clock.total_steps):
             return out
-        nc, nu, batch = clock.cond_rows, clock.uncond_rows, out.shape[0]
-        if not nc or not nu or nc % nu or nc + nu != batch:
-            self._warn_once("layout", f"NDCFG needs cond and uncond rows in one batch (got {nc} cond, {nu} uncond "
-                                      f"of {batch} rows); plain CFG on this call")
-            return out
+        rows, batch = call.rows(), out.shape[0]
+        if rows is None or (rows[0] and rows[1] and len(rows[0]) % len(rows[1])):
+            return self._plain_cfg(f"{'an unknown layout' if rows is None else f'{len(rows[0])} cond, {len(rows[1])} uncond'} "
+                                   f"of {batch} rows", out)
+        cond, uncond = rows
+        step = (clock.passes, clock.step)
+        if not uncond:  # Forge's split calls: the uncond call of this step ran first and left its shift
+            pending, self.pending = self.pending, None
+            if pending is None or pending[0] != step or len(cond) % len(pending[1]):
+                return self._plain_cfg(f"{len(cond)} cond rows without the uncond call of the step", out)
+            result = out.clone()
+            result[cond] = out[cond] + pending[1].repeat_interleave(len(cond) // len(pending[1]), dim=0)
+            return result
         args, kwargs = self.inputs
-        rows = slice(nc, nc + nu)
+        index = torch.tensor(uncond, device=out.device)
+        kwargs = _rows(kwargs, index, batch)
+        options = kwargs.get("transformer_options")
+        if isinstance(options, dict) and "uncond_indices" in options:  # Forge: describe the uncond-only batch
+            kwargs["transformer_options"] = {**options, "cond_or_uncond": [1], "cond_indices": [],
+                                             "uncond_indices": list(range(len(uncond)))}
         calls = clock.calls_in_step
         self.ndcfg_pass = True
         try:  # the whole UNet again, with every other technique, on the uncond rows only
-            uncond_mild = self.ctx.unet(*_rows(args, rows, batch), **_rows(kwargs, rows, batch))
+            uncond_mild = self.ctx.unet(*_rows(args, index, batch), **kwargs)
         finally:
             self.ndcfg_pass = False
             clock.calls_in_step = calls  # the extra pass is not a sampler call
-        return ndcfg_rows(out, uncond_mild, nc, nu)
+        if not cond:
+            self.pending = (step, uncond_mild - out[uncond])
+        return ndcfg_rows(out, uncond_mild, cond, uncond)
+
+    def _plain_cfg(self, layout: str, out: torch.Tensor) -> torch.Tensor:
+        self._warn_once("layout", f"NDCFG needs the cond and uncond rows of each image (got {layout}); plain CFG on this call")
+        return out
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:  # shown with the run's other messages (ctx.warn names the current technique)

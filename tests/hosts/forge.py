@@ -1,0 +1,271 @@
+"""Forge's current UNet host, as it behaves for the UNet (lllyasviel/stable-diffusion-webui-forge:
+backend/nn/unet.py, backend/patcher/unet.py + base.py, backend/modules/k_model.py,
+backend/sampling/sampling_function.py; read, not copied).
+
+- `forge_unet(ldm_unet)` gives the same weights in Forge's shape: an `IntegratedUNet2DConditionModel`
+  (module `backend.nn.unet`) whose forward takes `control` and `transformer_options`, runs Forge's
+  block modifiers and input/output block patches, applies `control` in place (`h += ctrl`) after
+  each input block, to the middle output and to each popped skip, and passes the next skip's shape
+  to each output block; `TimestepEmbedSequential(x, emb, context, transformer_options,
+  output_shape)`, `ResBlock(x, emb, transformer_options)`, `SpatialTransformer(x, context,
+  transformer_options)`, `Upsample(x, output_shape)` resizing to that shape by nearest, and
+  Linear layers that are not `nn.Linear`. The transformer internals stay ldm's.
+- `UnetPatcher`: model_options with the one `model_function_wrapper` slot, block modifiers,
+  post-CFG functions; `clone()` deep-copies model_options as Forge's does.
+- `sample()`: Forge's batch layout: the uncond chunk before the cond chunk in one call, or one
+  call per chunk (`split`), each with `transformer_options` carrying `cond_or_uncond`,
+  `cond_indices`, `uncond_indices`, `sigmas`; `KModel.apply_model` scaling (the UNet output is
+  turned into the denoised latent) and CFG on the denoised latents; the clock is advanced per step
+  and given no batch layout (Forge's cfg-denoiser callback sees the undoubled x).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ldm.modules.diffusionmodules.util import timestep_embedding
+from lib_unetmods.clock import StepClock
+from lib_unetmods.sampler import sd_sigmas, sigma_to_t
+
+COND, UNCOND = 0, 1
+
+
+def apply_control(h: torch.Tensor, control: dict[str, list[Any]] | None, name: str) -> torch.Tensor:
+    if control is not None and control.get(name):
+        residual = control[name].pop()
+        if residual is not None:
+            try:
+                h += residual
+            except RuntimeError:  # Forge prints a warning and goes on without this residual
+                print("warning control could not be applied", h.shape, residual.shape)
+    return h
+
+
+def _modify(modifiers: list[Callable[..., torch.Tensor]], h: torch.Tensor, when: str, options: dict[str, Any]) -> torch.Tensor:
+    for modifier in modifiers:
+        h = modifier(h, when, options)
+    return h
+
+
+def _unet_forward(self: nn.Module, x: torch.Tensor, timesteps: Any = None, context: Any = None, y: Any = None,
+                  control: dict[str, list[Any]] | None = None, transformer_options: dict[str, Any] = {}, **kwargs: Any) -> torch.Tensor:
+    transformer_options["original_shape"] = list(x.shape)
+    transformer_options["transformer_index"] = 0
+    patches = transformer_options.get("patches", {})
+    modifiers = transformer_options.get("block_modifiers", [])
+    assert (y is not None) == (self.num_classes is not None)
+    emb = self.time_embed(timestep_embedding(timesteps, self.model_channels, repeat_only=False).to(x.dtype))
+    if self.num_classes is not None:
+        emb = emb + self.label_emb(y)
+    hs, h = [], x
+    for i, module in enumerate(self.input_blocks):
+        transformer_options["block"] = ("input", i)
+        h = _modify(modifiers, h, "before", transformer_options)
+        h = module(h, emb, context, transformer_options)
+        h = apply_control(h, control, "input")
+        h = _modify(modifiers, h, "after", transformer_options)
+        for patch in patches.get("input_block_patch", []):
+            h = patch(h, transformer_options)
+        hs.append(h)
+        for patch in patches.get("input_block_patch_after_skip", []):
+            h = patch(h, transformer_options)
+    transformer_options["block"] = ("middle", 0)
+    h = _modify(modifiers, h, "before", transformer_options)
+    h = self.middle_block(h, emb, context, transformer_options)
+    h = apply_control(h, control, "middle")
+    h = _modify(modifiers, h, "after", transformer_options)
+    for i, module in enumerate(self.output_blocks):
+        transformer_options["block"] = ("output", i)
+        skip = apply_control(hs.pop(), control, "output")
+        for patch in patches.get("output_block_patch", []):
+            h, skip = patch(h, skip, transformer_options)
+        h = torch.cat([h, skip], dim=1)
+        output_shape = hs[-1].shape if hs else None
+        h = _modify(modifiers, h, "before", transformer_options)
+        h = module(h, emb, context, transformer_options, output_shape)
+        h = _modify(modifiers, h, "after", transformer_options)
+    transformer_options["block"] = ("last", 0)
+    h = _modify(modifiers, h, "before", transformer_options)
+    h = self.out(h)
+    h = _modify(modifiers, h, "after", transformer_options)
+    return h.type(x.dtype)
+
+
+IntegratedUNet2DConditionModel = type("IntegratedUNet2DConditionModel", (nn.Module,),
+                                      {"forward": _unet_forward, "__module__": "backend.nn.unet"})
+
+
+def _sequential_forward(self: nn.Module, x: torch.Tensor, emb: torch.Tensor, context: Any = None,
+                        transformer_options: dict[str, Any] = {}, output_shape: Any = None) -> torch.Tensor:
+    for layer in self:
+        name = type(layer).__name__
+        if name == "ResBlock":
+            x = layer(x, emb, transformer_options)
+        elif "SpatialTransformer" in name:
+            x = layer(x, context, transformer_options)
+            transformer_options["transformer_index"] = transformer_options.get("transformer_index", 0) + 1
+        elif name == "Upsample":
+            x = layer(x, output_shape=output_shape)
+        else:
+            x = layer(x)
+    return x
+
+
+def _resblock_forward(self: nn.Module, x: torch.Tensor, emb: torch.Tensor, transformer_options: dict[str, Any] = {}) -> torch.Tensor:
+    return type(self).__mro__[1].forward(self, x, emb)
+
+
+def _transformer_forward(self: nn.Module, x: torch.Tensor, context: Any = None, transformer_options: dict[str, Any] = {}) -> torch.Tensor:
+    return type(self).__mro__[1].forward(self, x, context)
+
+
+def _upsample_forward(self: nn.Module, x: torch.Tensor, output_shape: Any = None) -> torch.Tensor:
+    size = tuple(output_shape[2:4]) if output_shape is not None else (x.shape[2] * 2, x.shape[3] * 2)
+    x = F.interpolate(x, size=size, mode="nearest")
+    return self.conv(x) if self.use_conv else x
+
+
+def _linear_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, self.weight, self.bias)
+
+
+ForgeLinear = type("Linear", (nn.Module,), {"forward": _linear_forward, "__module__": "backend.operations"})
+_FORWARDS = {"TimestepEmbedSequential": _sequential_forward, "ResBlock": _resblock_forward,
+             "SpatialTransformer": _transformer_forward, "Upsample": _upsample_forward}
+_classes: dict[type, type] = {}
+
+
+def _forge_class(cls: type, forward: Callable[..., Any]) -> type:
+    if cls not in _classes:
+        _classes[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": "backend.nn.unet"})
+    return _classes[cls]
+
+
+def forge_unet(ldm_unet: nn.Module) -> nn.Module:
+    """A copy of an ldm UNet (random_unets) with Forge's classes and call conventions."""
+    unet = copy.deepcopy(ldm_unet)
+    for m in unet.modules():
+        name = type(m).__name__
+        key = "SpatialTransformer" if "SpatialTransformer" in name else name
+        if key in _FORWARDS:
+            m.__class__ = _forge_class(type(m), _FORWARDS[key])
+        elif isinstance(m, nn.Linear):
+            m.__class__ = ForgeLinear
+    unet.__class__ = IntegratedUNet2DConditionModel
+    return unet
+
+
+class KModel(nn.Module):
+    """apply_model: x * c_in into the UNet at timestep t(sigma), output turned into the denoised latent."""
+
+    def __init__(self, diffusion_model: nn.Module) -> None:
+        super().__init__()
+        self.diffusion_model = diffusion_model
+
+    def apply_model(self, x: torch.Tensor, sigma: torch.Tensor, c_crossattn: torch.Tensor, control: Any = None,
+                    transformer_options: dict[str, Any] = {}, **extra: Any) -> torch.Tensor:
+        s = sigma.view(-1, 1, 1, 1)
+        t = torch.tensor([sigma_to_t(float(v)) for v in sigma], device=x.device)
+        eps = self.diffusion_model(x / (s ** 2 + 1) ** 0.5, t, context=c_crossattn, control=control,
+                                   transformer_options=transformer_options, **extra).float()
+        return x - eps * s
+
+
+class UnetPatcher:
+    def __init__(self, model: KModel) -> None:
+        self.model = model
+        self.model_options: dict[str, Any] = {"transformer_options": {}}
+        self.controlnet_linked_list = None
+
+    def clone(self) -> "UnetPatcher":
+        n = UnetPatcher(self.model)
+        n.model_options = copy.deepcopy(self.model_options)
+        n.controlnet_linked_list = self.controlnet_linked_list
+        return n
+
+    def set_model_unet_function_wrapper(self, fn: Callable[..., Any]) -> None:
+        self.model_options["model_function_wrapper"] = fn
+
+    def add_block_modifier(self, fn: Callable[..., Any]) -> None:
+        self.model_options["transformer_options"].setdefault("block_modifiers", []).append(fn)
+
+    def set_model_sampler_post_cfg_function(self, fn: Callable[..., Any]) -> None:
+        self.model_options["sampler_post_cfg_function"] = self.model_options.get("sampler_post_cfg_function", []) + [fn]
+
+
+def _indices(cond_or_uncond: list[int], rows: int) -> tuple[list[int], list[int]]:
+    cond, uncond = [], []
+    for i, c in enumerate(cond_or_uncond):
+        (cond if c == COND else uncond).extend(range(i * rows, (i + 1) * rows))
+    return cond, uncond
+
+
+def calc_cond_uncond_batch(patcher: UnetPatcher, cond: torch.Tensor, uncond: torch.Tensor, x: torch.Tensor,
+                           sigma: torch.Tensor, split: bool, control: Callable[..., Any] | None,
+                           y: torch.Tensor | None = None, y_uncond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One model evaluation of a step: chunks run uncond first (Forge reverses its to-run list)."""
+    model, options = patcher.model, patcher.model_options
+    chunks = {COND: (cond, y), UNCOND: (uncond, y if y_uncond is None else y_uncond)}
+    batches = [[UNCOND], [COND]] if split else [[UNCOND, COND]]
+    out: dict[int, torch.Tensor] = {}
+    for cond_or_uncond in batches:
+        n = len(cond_or_uncond)
+        input_x = torch.cat([x] * n)
+        timestep = torch.cat([sigma] * n)
+        to = dict(options["transformer_options"])
+        to["cond_or_uncond"] = cond_or_uncond[:]
+        to["sigmas"] = sigma
+        to["cond_indices"], to["uncond_indices"] = _indices(cond_or_uncond, x.shape[0])
+        c: dict[str, Any] = {"c_crossattn": torch.cat([chunks[k][0] for k in cond_or_uncond]), "transformer_options": to}
+        if y is not None:
+            c["y"] = torch.cat([chunks[k][1] for k in cond_or_uncond])
+        if control is not None:
+            c["control"] = control(input_x, timestep, c)
+        if "model_function_wrapper" in options:
+            output = options["model_function_wrapper"](model.apply_model, {"input": input_x, "timestep": timestep, "c": c,
+                                                                          "cond_or_uncond": cond_or_uncond})
+        else:
+            output = model.apply_model(input_x, timestep, **c)
+        for k, o in zip(cond_or_uncond, output.chunk(n)):
+            out[k] = o
+    return out[COND], out[UNCOND]
+
+
+@torch.no_grad()
+def sample(patcher: UnetPatcher, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, steps: int,
+           clock: StepClock, cfg_scale: float = 7.0, split: bool = False, control: Callable[..., Any] | None = None,
+           y: torch.Tensor | None = None, y_uncond: torch.Tensor | None = None) -> torch.Tensor:
+    """Euler with CFG on denoised latents; the same update as lib_unetmods.sampler.euler_sample."""
+    sigmas = sd_sigmas(steps).to(noise.device)
+    x = noise * sigmas[0]
+    clock.set_layout(None, None)
+    for i in range(steps):
+        sigma = float(sigmas[i])
+        clock.begin_step(i, sigma)
+        s = torch.full((noise.shape[0],), sigma, device=noise.device)
+        cond_pred, uncond_pred = calc_cond_uncond_batch(patcher, cond, uncond, x, s, split, control, y, y_uncond)
+        denoised = uncond_pred + (cond_pred - uncond_pred) * cfg_scale
+        for fn in patcher.model_options.get("sampler_post_cfg_function", []):
+            denoised = fn({"denoised": denoised, "cond_denoised": cond_pred, "uncond_denoised": uncond_pred,
+                           "model": patcher.model, "sigma": s, "input": x, "model_options": patcher.model_options})
+        x = x + (x - denoised) / sigma * (float(sigmas[i + 1]) - sigma)
+    clock.end_step()
+    return x
+
+
+def control_from(residuals: Callable[..., list[Any]]) -> Callable[..., dict[str, list[Any]]]:
+    """Forge's ControlNet `get_control`: a fresh dict of residual lists per UNet call (the forward
+    pops them), skips in input order under "output", the middle one under "middle"."""
+    def get_control(x: torch.Tensor, timestep: torch.Tensor, c: dict[str, Any]) -> dict[str, list[Any]]:
+        t = torch.tensor([sigma_to_t(float(v)) for v in timestep], device=x.device)
+        s = timestep.view(-1, 1, 1, 1)
+        outs = residuals(x / (s ** 2 + 1) ** 0.5, t, c["c_crossattn"], c.get("y"))
+        outs = [None if isinstance(o, float) else o for o in outs]
+        return {"input": [], "middle": [outs[-1]], "output": outs[:-1]}
+
+    return get_control
+

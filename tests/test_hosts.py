@@ -1,0 +1,303 @@
+"""Every technique on every host stand-in (tests/hosts): A1111's ldm/sgm-shaped UNet, A1111 with
+sd-webui-controlnet's replaced forward (zero and non-zero residuals, its leftover after restore),
+and Forge's UNet with its batch layout (uncond chunk first, or one call per chunk) and `control`.
+
+Same weights and inputs everywhere: a technique must give the A1111 result on every host (float
+tolerance) and differ from that host without it, so a host where our hooks were bypassed fails.
+Each run also checks the exact restore of the model (and of Forge's UnetPatcher)."""
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+
+from hosts import forge
+from hosts.controlnet import ControlNetHook
+from lib_unetmods import Settings, StepClock, apply_mods
+from lib_unetmods.random_unets import ADM_CHANNELS, build_unet, context_dim
+from lib_unetmods.sampler import euler_sample
+from model_state import assert_restored, snapshot
+
+STEPS = 4
+SIZE = (32, 40)  # latent; every level divides it
+# each technique at settings that make it act on this latent within STEPS steps
+ACTIVE = {
+    "tome": "tome ratio=0.5",
+    "hypertile": "hypertile tile_size=128 swap_size=1",  # random tile counts are drawn per UNet call (as the reference): split calls draw others
+    "deepcache": "deepcache interval=2",
+    "scalecrafter": "scalecrafter level1=2 level2=2 stop=1",
+    "ndcfg": "scalecrafter level1=2 level2=2 stop=1 ndcfg=on ndcfg_stop=1",
+    "deepshrink": "deepshrink end=0.5",
+    "hidiffusion": "hidiffusion auto=false t1=0.5",
+    "freeu": "freeu",
+    "cdtuner": "cdtuner d1=2 d2=2 con1=1",
+    "colour_map": "cdtuner cm_colors=5,-5,-5 cm_stop=2",
+}
+HOSTS = ("a1111", "controlnet", "forge", "forge_split")
+
+
+def inputs(arch: str) -> dict[str, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(3)
+    ctx = context_dim(arch, "tiny")
+    sdxl = arch == "sdxl"
+    return {"noise": torch.randn(1, 4, *SIZE, generator=g), "cond": torch.randn(1, 8, ctx, generator=g),
+            "uncond": torch.randn(1, 8, ctx, generator=g),
+            "y": torch.randn(1, ADM_CHANNELS, generator=g) if sdxl else None,
+            "y_uncond": torch.randn(1, ADM_CHANNELS, generator=g) if sdxl else None}
+
+
+_UNETS: dict[str, torch.nn.Module] = {}
+
+
+def ldm_unet(arch: str) -> torch.nn.Module:
+    if arch not in _UNETS:
+        _UNETS[arch] = build_unet(arch, "tiny", seed=1)
+    return _UNETS[arch]
+
+
+def run(host: str, arch: str, text: str, control_scale: float = 0.0, control_active=lambda: True,
+        messages: list[str] | None = None) -> torch.Tensor:
+    """Sample STEPS steps on the host with `text` applied, restore, check the restore."""
+    base = ldm_unet(arch)
+    data = inputs(arch)
+    clock = StepClock()
+    clock.start(STEPS)
+    unet = forge.forge_unet(base) if host.startswith("forge") else base
+    patcher = forge.UnetPatcher(forge.KModel(unet)) if host.startswith("forge") else None
+    options_before = copy.deepcopy(patcher.model_options) if patcher else None
+    before = snapshot(unet)
+    cn = None
+    if host == "controlnet":
+        cn = ControlNetHook(base, scale=control_scale, active=control_active)
+        cn.hook()
+    applied = apply_mods(unet, Settings.from_text(text, strict=True) if text else Settings(), clock, seed=5,
+                         latent_shape=(1, 4, *SIZE))
+    try:
+        if patcher is not None:
+            control = None
+            if host.startswith("forge") and control_scale:
+                control = forge.control_from(ControlNetHook(base, scale=control_scale, active=control_active).residuals)
+            out = forge.sample(patcher, data["noise"], data["cond"], data["uncond"], STEPS, clock,
+                               split=host == "forge_split", control=control, y=data["y"], y_uncond=data["y_uncond"])
+        else:
+            out = euler_sample(unet, data["noise"], data["cond"], data["uncond"], STEPS, clock, y=data["y"],
+                               y_uncond=data["y_uncond"])
+    finally:  # also after an exception or interrupt
+        applied.restore()
+        if cn is not None:
+            cn.restore()
+            del base.forward  # ControlNet's leftover, checked on its own below
+        assert_restored(unet, before)
+        if patcher is not None:
+            assert patcher.model_options == options_before and set(vars(patcher)) == {"model", "model_options", "controlnet_linked_list"}
+    if messages is not None:
+        messages.extend(applied.messages)
+    for tid in {t.split()[0] for t in text.split(";") if t}:
+        assert tid in applied.applied, applied.messages
+    return out
+
+
+_RESULTS: dict[tuple, torch.Tensor] = {}
+
+
+def result(host: str, arch: str, key: str | None, **kw) -> torch.Tensor:
+    k = (host, arch, key, tuple(sorted(kw.items())))
+    if k not in _RESULTS:
+        _RESULTS[k] = run(host, arch, ACTIVE[key] if key else "", **kw)
+    return _RESULTS[k]
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("host", HOSTS[1:])
+def test_hosts_agree_without_techniques(host):
+    assert close(result(host, "sd15", None), result("a1111", "sd15", None))
+
+
+@pytest.mark.parametrize("key", list(ACTIVE))
+@pytest.mark.parametrize("host", HOSTS[1:])
+def test_every_technique_gives_the_a1111_result_on_every_host(host, key):
+    expected = result("a1111", "sd15", key)
+    assert not close(expected, result("a1111", "sd15", None)), "the technique does not act at these settings"
+    out = result(host, "sd15", key)
+    assert out.shape == expected.shape
+    assert not close(out, result(host, "sd15", None)), f"{key} did not act on {host}"
+    assert close(out, expected), (out - expected).abs().max()
+
+
+@pytest.mark.parametrize("key", ["deepcache", "deepshrink", "hidiffusion", "ndcfg", "freeu"])
+@pytest.mark.parametrize("host", ["controlnet", "forge"])
+def test_sdxl_shape(host, key):
+    expected = result("a1111", "sdxl", key)
+    assert not close(expected, result("a1111", "sdxl", None))
+    assert close(result(host, "sdxl", key), expected)
+
+
+# --- ControlNet's residuals -------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["tome", "deepcache", "scalecrafter", "ndcfg", "deepshrink", "hidiffusion", "freeu", "colour_map"])
+def test_with_control_residuals_the_technique_acts_and_residuals_still_apply(key):
+    """A1111 + ControlNet and Forge + its `control` give the same result with the technique on;
+    it differs from ControlNet alone (the technique acts) and from the technique alone (the
+    residuals apply). DeepCache runs every step in full while control is active (its policy), so
+    there it equals ControlNet alone."""
+    cn = result("controlnet", "sd15", key, control_scale=0.5)
+    cn_alone = result("controlnet", "sd15", None, control_scale=0.5)
+    assert not close(cn, result("a1111", "sd15", key)), "residuals lost"
+    if key == "deepcache":
+        assert torch.equal(cn, cn_alone)
+    else:
+        assert not close(cn, cn_alone), "technique lost"
+    if key != "colour_map":  # Forge computes control before the UNet call, from the latent the colour map has not pushed yet
+        assert close(result("forge", "sd15", key, control_scale=0.5), cn)
+
+
+@pytest.mark.parametrize("text", ["deepcache interval=1", "freeu b1=1 b2=1 s1=1 s2=1", "deepshrink factor=1",
+                                  "hidiffusion auto=false t1=0 msw_msa=false"])
+def test_neutral_technique_under_controlnet_is_controlnet_alone(text):
+    assert torch.equal(run("controlnet", "sd15", text, control_scale=0.5), result("controlnet", "sd15", None, control_scale=0.5))
+
+
+def middle_calls(host: str, text: str, **kw) -> list[int]:
+    unet = ldm_unet("sd15")
+    steps: list[int] = []
+    handle = unet.middle_block[0].register_forward_hook(lambda *a: steps.append(1))
+    try:
+        run(host, "sd15", text, **kw)
+    finally:
+        handle.remove()
+    return steps
+
+
+def test_deepcache_runs_full_steps_while_control_is_active():
+    """Interval 2 over 4 steps: steps 1 and 3 are cheap. With ControlNet active on steps 0-1 only,
+    step 1 is full (residuals seen on step 0), step 2 full (scheduled, no residuals), step 3 cheap."""
+    assert len(middle_calls("a1111", "deepcache interval=2")) == 2
+    assert len(middle_calls("controlnet", "deepcache interval=2")) == 2  # zero residuals: tensors, but nothing added
+    assert len(middle_calls("controlnet", "deepcache interval=2", control_scale=0.5)) == 4
+    seen = []
+
+    def first_two_steps() -> bool:
+        seen.append(1)
+        return len(seen) <= 2  # one ControlNet call per step (cond and uncond in one batch)
+
+    assert len(middle_calls("controlnet", "deepcache interval=2", control_scale=0.5, control_active=first_two_steps)) == 3
+    assert len(middle_calls("forge", "deepcache interval=2", control_scale=0.5)) == 4
+    assert len(middle_calls("forge_split", "deepcache interval=2")) == 4  # two calls per step, each cheap on 1 and 3
+
+
+# --- leftovers and restore order ----------------------------------------------------------------
+
+def test_controlnets_leftover_forward_never_disables_a_technique():
+    """ControlNet's hook-then-restore leaves `unet.forward = <bound UNetModel.forward>` on the
+    instance; every technique then runs as without it."""
+    unet = ldm_unet("sd15")
+    cn = ControlNetHook(unet, scale=0.5)
+    cn.hook()
+    applied = apply_mods(unet, Settings.from_text("freeu"), StepClock())
+    cn.restore()  # ControlNet's postprocess may run before ours
+    applied.restore()
+    leftover = unet.__dict__["forward"]
+    assert leftover.__self__ is unet and leftover.__func__ is type(unet).forward
+    try:
+        for key, text in ACTIVE.items():
+            messages: list[str] = []
+            data = inputs("sd15")
+            clock = StepClock()
+            clock.start(STEPS)
+            applied = apply_mods(unet, Settings.from_text(text), clock, seed=5, latent_shape=(1, 4, *SIZE))
+            try:
+                out = euler_sample(unet, data["noise"], data["cond"], data["uncond"], STEPS, clock)
+            finally:
+                applied.restore()
+            assert applied.applied == [text.split()[0]] and not any("skipped" in m for m in applied.messages), key
+            assert unet.__dict__["forward"] is leftover
+            assert close(out, result("a1111", "sd15", key)), key
+    finally:
+        del unet.forward
+
+
+# --- interruption, exceptions, Forge's patcher ------------------------------------------------------
+
+COMBINED = "deepcache interval=2 level=1; freeu; hidiffusion auto=false t1=0.5; cdtuner cm_colors=5,-5,-5 cm_stop=2"
+
+
+@pytest.mark.parametrize("host", ["a1111", "controlnet", "forge"])
+def test_exception_mid_sampling_restores_everything(host):
+    """An exception (or the WebUI's interrupt, raised from a block) in the middle of a call: the
+    restore leaves the model (and Forge's UnetPatcher) as before, checked in `run`, and the next
+    generation is unaffected."""
+    unet = ldm_unet("sd15")
+    calls = []
+
+    def fail_on_second(module, args):
+        calls.append(1)
+        if len(calls) == 2:  # output block 4 runs on DeepCache's full steps only
+            raise KeyboardInterrupt if host == "forge" else RuntimeError("out of memory")
+
+    handle = unet.output_blocks[4][0].register_forward_pre_hook(fail_on_second)
+    try:
+        with pytest.raises((RuntimeError, KeyboardInterrupt)):
+            run(host, "sd15", COMBINED)
+    finally:
+        handle.remove()
+    assert "forward" not in unet.__dict__
+    assert torch.equal(run(host, "sd15", COMBINED), run(host, "sd15", COMBINED))
+
+
+def test_forge_patches_of_other_extensions_keep_running_with_ours():
+    """Another extension's unet function wrapper (the one slot, MultiDiffusion uses it) and block
+    modifier stay in place and run; our techniques do not use Forge's slots, so nothing is chained
+    over or left on the UnetPatcher."""
+    base = ldm_unet("sd15")
+    unet = forge.forge_unet(base)
+    patcher = forge.UnetPatcher(forge.KModel(unet)).clone()
+    wrapped, modified = [], []
+
+    def wrapper(apply_model, args):
+        wrapped.append(args["cond_or_uncond"])
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    def modifier(h, when, options):
+        modified.append(options["block"])
+        return h
+
+    patcher.set_model_unet_function_wrapper(wrapper)
+    patcher.add_block_modifier(modifier)
+    options = copy.copy(patcher.model_options)
+    data = inputs("sd15")
+    clock = StepClock()
+    clock.start(STEPS)
+    applied = apply_mods(unet, Settings.from_text(ACTIVE["deepcache"] + "; " + ACTIVE["freeu"]), clock, latent_shape=(1, 4, *SIZE))
+    try:
+        out = forge.sample(patcher, data["noise"], data["cond"], data["uncond"], STEPS, clock)
+    finally:
+        applied.restore()
+    assert wrapped == [[1, 0]] * STEPS and ("last", 0) in modified
+    assert patcher.model_options == options and patcher.model_options["model_function_wrapper"] is wrapper
+    reference = run("a1111", "sd15", ACTIVE["deepcache"] + "; " + ACTIVE["freeu"])
+    assert close(out, reference)
+
+
+def test_classic_forge_says_what_is_skipped():
+    base = ldm_unet("sd15")
+    unet = copy.deepcopy(base)
+    unet.__class__ = type("UNetModel", (type(base),), {"__module__": "ldm_patched.ldm.modules.diffusionmodules.openaimodel"})
+    applied = apply_mods(unet, Settings.from_text(ACTIVE["deepcache"] + "; tome ratio=0.5"), StepClock())
+    try:
+        assert applied.applied == ["tome"]
+        assert any(m.startswith("DeepCache skipped") and "classic Forge" in m for m in applied.messages)
+    finally:
+        applied.restore()
