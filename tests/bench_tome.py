@@ -2,11 +2,13 @@
 
     python tests/bench_tome.py --arch sd15 --size 512 --rounds 3
     python tests/bench_tome.py --arch sdxl --size 1024 --rounds 2 --tomesd-max-downsample 1 2
+    python tests/bench_tome.py --arch sdxl --sdxl-depth 2 --size 1024 --tomesd-max-downsample 2  # ~4 GB, not 10
 
 Single UNet calls with cond + uncond rows (batch 2), SDPA attention as in the WebUI, random
-weights; baseline, ours and tomesd run interleaved in every round, and the speed-up is the median
-over rounds of baseline time / patched time within the round, in wall time and in process CPU
-time (steadier on a shared machine when run with --threads 1). tomesd is only imported here.
+weights; baseline, ours and tomesd run interleaved in every round (the order reversed every other
+round), and the speed-up is the median over rounds of baseline time / patched time within the
+round, in wall time and in process CPU time (steadier on a shared machine when run with
+--threads 1). tomesd is only imported here.
 """
 from __future__ import annotations
 
