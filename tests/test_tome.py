@@ -139,6 +139,43 @@ def test_same_merge_as_tomesd(h, w, seed):
     torch.testing.assert_close(ours.unmerge(f(ours.merge(x))), ref_u(f(ref_m(x))), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("rows", [1, 7, 32, 1000])
+def test_similarities_in_chunks_equal_the_whole(monkeypatch, rows):
+    """Chunks of `rows` source rows (the last one partial, or a single chunk) give the same best
+    destinations and similarities as the whole (B, Na, Nb) product; one buffer of that size."""
+    x = torch.randn(2, 9 * 10, 24)
+    dst, src = dst_partition(9, 10, 2, 2, torch.device("cpu"))
+    monkeypatch.setattr(tome, "SCORE_CHUNK_BYTES", 2 * rows * len(dst) * 4)
+    state = tome.MergeState(0.5, 1, 2, 2, False, 0)
+    whole = tome.best_destinations(x, src, dst)
+    chunked = tome.best_destinations(x, src, dst, state.scratch)
+    assert torch.equal(chunked[1], whole[1]) and whole[0].shape == (2, len(src))
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-7)
+    assert [b.numel() for b in state.buffers.values()] == [2 * min(rows, len(src)) * len(dst)]
+
+
+def test_similarities_keep_the_autocast_dtype():
+    """Under autocast the product is computed in its dtype, as tomesd's a @ b.T is (out= would not)."""
+    x = torch.randn(2, 8 * 8, 16)
+    dst, src = dst_partition(8, 8, 2, 2, torch.device("cpu"))
+    state = tome.MergeState(0.5, 1, 2, 2, False, 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = tome.best_destinations(x, src, dst)
+        chunked = tome.best_destinations(x, src, dst, state.scratch)
+    assert whole[0].dtype == chunked[0].dtype == torch.bfloat16
+    assert torch.equal(chunked[1], whole[1]) and torch.equal(chunked[0], whole[0])
+
+
+def test_scratch_buffer_is_kept_and_grown():
+    state = tome.MergeState(0.5, 1, 2, 2, False, 0)
+    like = torch.zeros(1, dtype=torch.float64)
+    first = state.scratch(100, like)
+    assert first.dtype == torch.float64 and first.numel() == 100
+    assert state.scratch(50, like).data_ptr() == first.data_ptr()
+    assert state.scratch(200, like).numel() == 200 and len(state.buffers) == 1
+    assert state.scratch(10, torch.zeros(1)).dtype == torch.float32 and len(state.buffers) == 2
+
+
 def test_identical_tokens_leave_self_attention_unchanged():
     attn = next(m for n, m in unet_of("sd15").named_modules() if n.endswith("attn1"))
     x = torch.randn(2, 1, attn.to_q.in_features).expand(2, 96, -1).contiguous()
@@ -159,6 +196,19 @@ def test_parity_with_tomesd(size, ratio):
     base = call(unet, inputs)
     assert applied.applied == ["tome"] and rel(ref, base) > 1e-2  # ToMe really changes the output
     assert rel(ours, ref) < REL
+
+
+def test_parity_with_tomesd_with_the_similarities_in_chunks(monkeypatch):
+    """A chunk budget of a few source rows: several chunks per block, one buffer for every block."""
+    unet = unet_of("sd15")
+    inputs = example_inputs(unet, batch=2, height=13, width=19)
+    monkeypatch.setattr(tome, "SCORE_CHUNK_BYTES", 2 * 10 * (6 * 9) * 4)  # 10 source rows of 2 x 54 scores
+    seen = []
+    scratch = tome.MergeState.scratch
+    monkeypatch.setattr(tome.MergeState, "scratch", lambda self, n, like: seen.append(scratch(self, n, like)) or seen[-1])
+    ours, _ = with_ours(unet, inputs, "tome ratio=0.5")
+    assert rel(ours, with_tomesd(unet, inputs, ratio=0.5, use_rand=False)) < REL
+    assert len(seen) == 5 and len({b.data_ptr() for b in seen}) == 1 and seen[0].numel() == 2 * 10 * 54
 
 
 def test_parity_with_tomesd_sdxl_every_site_and_random_cells():
