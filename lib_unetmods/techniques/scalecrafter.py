@@ -234,6 +234,19 @@ def make_plan(family: str, num_levels: int, conv_names: Mapping[str, str], ratio
                 disperse if values["disperse"] else frozenset(), values["disperse_stop"] or stop)
 
 
+def pixel_ratio(latent_size: tuple[int, int], native: int) -> float:
+    """The image's pixel count over native x native (the tables' key)."""
+    return latent_size[0] * latent_size[1] * 64 / native ** 2
+
+
+def ndcfg_active(plan: Plan, step: int, total: int) -> bool:
+    return plan.ndcfg is not None and step < int(plan.ndcfg_stop * total)
+
+
+def runs_in_pass(values: Mapping[str, Any], hires: bool) -> bool:
+    return not hires or values["hires"]
+
+
 def progressive_dilation(d: float, tau: int, step: int) -> float:
     """The reference's schedule: ceil(d * (tau - i) / tau), at least 2 (always an integer)."""
     return float(max(math.ceil(d * (tau - step) / tau), 2))
@@ -355,8 +368,8 @@ class Runtime:
 
     def plan(self, size: tuple[int, int]) -> Plan:
         if size not in self.plans:
-            ratio = size[0] * size[1] * 64 / self.native ** 2
-            self.plans[size] = make_plan(self.ctx.map.family, self.ctx.map.num_levels, self.convs, ratio, self.values)
+            self.plans[size] = make_plan(self.ctx.map.family, self.ctx.map.num_levels, self.convs,
+                                         pixel_ratio(size, self.native), self.values)
         return self.plans[size]
 
     def factors(self) -> dict[str, tuple[float, bool]]:
@@ -387,7 +400,7 @@ class Runtime:
     def ndcfg_end(self, out: torch.Tensor, call: Any) -> torch.Tensor:
         plan = self.plan(self.size) if self.size else None
         clock = self.ctx.clock
-        if self.ndcfg_pass or plan is None or plan.ndcfg is None or clock.step >= int(plan.ndcfg_stop * clock.total_steps):
+        if self.ndcfg_pass or plan is None or not ndcfg_active(plan, clock.step, clock.total_steps):
             return out
         nc, nu, batch = clock.cond_rows, clock.uncond_rows, out.shape[0]
         if not nc or not nu or nc % nu or nc + nu != batch:
@@ -411,10 +424,15 @@ class Runtime:
             self.ctx.messages.append(f"{SPEC.title}: {message}")
 
 
+def conv_names(umap: Any) -> dict[str, str]:
+    """ldm name -> diffusers name of the 3x3 convs ScaleCrafter considers."""
+    return {name: dn for name, _, _ in umap.convs3x3 if (dn := diffusers_name(name))}
+
+
 def apply(ctx: Any, values: dict[str, Any]) -> None:
-    if ctx.hires and not values["hires"]:
+    if not runs_in_pass(values, ctx.hires):
         return
-    convs = {name: dn for name, _, _ in ctx.map.convs3x3 if (dn := diffusers_name(name))}
+    convs = conv_names(ctx.map)
     if not convs:
         raise Refused("no ResBlock / Downsample / Upsample 3x3 convs found")
     install(ctx, Runtime(ctx, values, convs))
