@@ -115,9 +115,23 @@ def forget_model(*_: Any) -> None:
     _model_map.clear()
 
 
+def _gradio4(gr: Any) -> bool:
+    return int(str(getattr(gr, "__version__", "3")).split(".")[0]) >= 4
+
+
 def _quiet(gr: Any) -> Any:
     """show_progress for instant updates: gradio 4 takes "hidden", gradio 3 False."""
-    return "hidden" if int(str(getattr(gr, "__version__", "3")).split(".")[0]) >= 4 else False
+    return "hidden" if _gradio4(gr) else False
+
+
+def _follow(gr: Any, component: Any, fn: Callable[..., Any], inputs: list[Any], outputs: list[Any]) -> None:
+    """component.change -> fn, keeping up with fast changes. Gradio 3 drops a trigger while the
+    same event is still running (a slider dragged quickly would leave its last value unseen), so
+    there fn runs once more when it finishes, on the values of that moment; gradio 4's change
+    events already do this ("always_last")."""
+    event = component.change(fn=fn, inputs=inputs, outputs=outputs, show_progress=_quiet(gr))
+    if not _gradio4(gr) and hasattr(event, "then"):
+        event.then(fn=fn, inputs=inputs, outputs=outputs, show_progress=False)
 
 
 def build(elem_id: Callable[[str], str], sources: dict[str, Any] | None = None, model: ModelSource | None = None,
@@ -197,7 +211,7 @@ def _wire_panel(gr: Any, controls: list[Any], presets: list[Any], sources: dict[
         return [_summary_html(settings), gr.update(label=label)]
 
     for box in boxes:
-        box.change(fn=on_boxes, inputs=boxes, outputs=[summary_line, panel], show_progress=quiet)
+        _follow(gr, box, on_boxes, boxes, [summary_line, panel])
 
     names = list(sources)
 
@@ -207,7 +221,7 @@ def _wire_panel(gr: Any, controls: list[Any], presets: list[Any], sources: dict[
 
     inputs = controls + [sources[n] for n in names]
     for component in inputs:
-        component.change(fn=on_any, inputs=inputs, outputs=[preview_html], show_progress=quiet)
+        _follow(gr, component, on_any, inputs, [preview_html])
 
     defaults = Settings().to_args()
 
