@@ -146,7 +146,7 @@ def _scalecrafter(v: dict[str, Any], clocks: list[StepClock], hires: bool, umap:
     if plan.ndcfg is not None:
         rows.append(Row("scalecrafter", "ScaleCrafter NDCFG",
                         [_flag(scalecrafter.ndcfg_active(plan, c.step, c.total_steps)) for c in clocks],
-                        "noise-damped CFG: one extra UNet pass on the unconditional rows"))
+                        "noise-damped CFG (+1 UNet pass)"))
     return rows
 
 
