@@ -124,14 +124,20 @@ def _quiet(gr: Any) -> Any:
     return "hidden" if _gradio4(gr) else False
 
 
-def _follow(gr: Any, component: Any, fn: Callable[..., Any], inputs: list[Any], outputs: list[Any]) -> None:
-    """component.change -> fn, keeping up with fast changes. Gradio 3 drops a trigger while the
-    same event is still running (a slider dragged quickly would leave its last value unseen), so
-    there fn runs once more when it finishes, on the values of that moment; gradio 4's change
-    events already do this ("always_last")."""
-    event = component.change(fn=fn, inputs=inputs, outputs=outputs, show_progress=_quiet(gr))
-    if not _gradio4(gr) and hasattr(event, "then"):
-        event.then(fn=fn, inputs=inputs, outputs=outputs, show_progress=False)
+def _follow(gr: Any, components: list[Any], fn: Callable[..., Any], inputs: list[Any], outputs: list[Any]) -> None:
+    """fn on every change of `components`, keeping up with fast changes. Gradio 4: one event
+    for all of them that runs again after a busy spell ("always_last"). Gradio 3 drops a
+    trigger while the same event is still running (a slider dragged quickly would leave its last
+    value unseen), so there each component gets its event and fn runs once more when it
+    finishes, on the values of that moment."""
+    if _gradio4(gr) and hasattr(gr, "on"):
+        gr.on(triggers=[c.change for c in components], fn=fn, inputs=inputs, outputs=outputs,
+              show_progress="hidden", trigger_mode="always_last")
+        return
+    for component in components:
+        event = component.change(fn=fn, inputs=inputs, outputs=outputs, show_progress=_quiet(gr))
+        if hasattr(event, "then"):
+            event.then(fn=fn, inputs=inputs, outputs=outputs, show_progress=False)
 
 
 def build(elem_id: Callable[[str], str], sources: dict[str, Any] | None = None, model: ModelSource | None = None,
@@ -200,7 +206,6 @@ def _preview_html(settings: Settings, source_values: dict[str, Any], img2img: bo
 
 def _wire_panel(gr: Any, controls: list[Any], presets: list[Any], sources: dict[str, Any], summary_line: Any,
                 panel: Any, reset: Any, preview_html: Any, model: ModelSource, img2img: bool) -> None:
-    quiet = _quiet(gr)
     layout = arg_layout()
     boxes = [c for c, (_, name) in zip(controls, layout) if name == "enabled"]
     box_ids = [tid for tid, name in layout if name == "enabled"]
@@ -210,8 +215,7 @@ def _wire_panel(gr: Any, controls: list[Any], presets: list[Any], sources: dict[
         label = f"{PANEL_TITLE} · {summary(settings)}" if settings.enabled_ids() else PANEL_TITLE
         return [_summary_html(settings), gr.update(label=label)]
 
-    for box in boxes:
-        _follow(gr, box, on_boxes, boxes, [summary_line, panel])
+    _follow(gr, boxes, on_boxes, boxes, [summary_line, panel])
 
     names = list(sources)
 
@@ -220,15 +224,14 @@ def _wire_panel(gr: Any, controls: list[Any], presets: list[Any], sources: dict[
         return _preview_html(settings, dict(zip(names, values[len(controls):])), img2img, model)
 
     inputs = controls + [sources[n] for n in names]
-    for component in inputs:
-        _follow(gr, component, on_any, inputs, [preview_html])
+    _follow(gr, inputs, on_any, inputs, [preview_html])
 
     defaults = Settings().to_args()
 
     def reset_all() -> list[Any]:
         return [gr.update(value=v) for v in defaults] + [gr.update(value="(custom)") for _ in presets]
 
-    reset.click(fn=reset_all, inputs=[], outputs=controls + presets, show_progress=quiet)
+    reset.click(fn=reset_all, inputs=[], outputs=controls + presets, show_progress=_quiet(gr))
 
 
 def _preset_dropdown(gr: Any, spec: TechniqueSpec, elem_id: Callable[[str], str]) -> Any:

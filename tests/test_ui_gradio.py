@@ -156,3 +156,12 @@ def test_paste_sets_the_controls(built):
     assert value_of(out[named[("freeu", "b1")]]) == 1.3
     assert value_of(out[named[("tome", "enabled")]]) is False
 
+
+
+def test_ui_again_in_a_new_blocks_as_the_api_does(built):
+    """A1111's API calls ui() again inside a throwaway gr.Blocks() to read the defaults."""
+    app, controls, _ = built
+    script = ui_app.script_module().UNetModsScript()
+    with gr.Blocks():
+        again = script.ui(False)
+    assert [c.value for c in again] == Settings().to_args() == [c.value for c in controls]
