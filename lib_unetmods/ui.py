@@ -61,13 +61,14 @@ SOURCE_IDS: dict[str, tuple[str, ...]] = {
     "hr_steps": ("txt2img_hires_steps",),
     "denoising": ("img2img_denoising_strength",),
 }
+_WANTED = {i.format(tab=tab) for ids in SOURCE_IDS.values() for i in ids for tab in ("txt2img", "img2img")}
 _components: dict[str, Any] = {}  # elem_id -> the WebUI component seen with it (latest wins)
 
 
 def remember_component(component: Any, **kwargs: Any) -> None:
     """on_after_component callback: keep the WebUI controls the preview needs."""
     elem_id = getattr(component, "elem_id", None) or kwargs.get("elem_id")
-    if elem_id and any(elem_id in (i.format(tab=t) for t in ("txt2img", "img2img")) for ids in SOURCE_IDS.values() for i in ids):
+    if elem_id in _WANTED:
         _components[elem_id] = component
 
 

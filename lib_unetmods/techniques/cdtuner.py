@@ -359,7 +359,7 @@ def _hook_unet_call(ctx: Any, values: dict[str, Any], shift: list[float] | None,
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> torch.Tensor | None:
         correction = pending.pop("correction", None)
-        if shift is not None and clock.step == clock.total_steps - 1:
+        if shift is not None and clock.step == shift_step(shift, ctx.hires, ctx.hires_planned, clock.total_steps):
             sigma = sigmas(out, _call_inputs(args, kwargs)[1])
             if sigma is not None:
                 _, c_out, _ = denoiser_scalings(sigma, prediction)
