@@ -59,7 +59,13 @@ def run(app, component, trigger, values, which=None):
     inputs = [app.blocks[i] for i in dep["inputs"]]
     data = [values.get(c, c.value) for c in inputs]
     state = None if ui_app.GRADIO_MAJOR >= 4 else {}
-    result = asyncio.run(app.process_api(key, data, state=state))
+    # a loop of its own: asyncio.run would leave the thread without a current loop, and gradio 4's
+    # queue of an app launched later in this process would then get no locks
+    loop = asyncio.new_event_loop()
+    try:
+        result = loop.run_until_complete(app.process_api(key, data, state=state))
+    finally:
+        loop.close()
     return dict(zip((app.blocks[i] for i in dep["outputs"]), result["data"]))
 
 
