@@ -12,7 +12,11 @@ import os
 import sys
 from typing import Any
 
-import gradio as gr  # the real gradio: imported before tests/webui (which has a gradio stand-in) is on the path
+# no telemetry or version check: they would try to reach gradio's servers (and their threads can
+# keep the process alive at exit on a machine without that network)
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+import gradio as gr  # noqa: E402  the real gradio: imported before tests/webui (which has a gradio stand-in) is on the path
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
