@@ -9,12 +9,15 @@ import functools
 import html
 import json
 from collections import Counter
+from types import SimpleNamespace
 from typing import Any, Callable
 
 from .host import LOG_PREFIX
 from .params import Param, TechniqueSpec
+from .preview import Image, compute, render, summary
 from .settings import Settings, arg_layout
 from .techniques import SPECS
+from .unet_map import UNetMap
 
 
 def labels() -> dict[tuple[str, str], str]:
@@ -47,16 +50,120 @@ def _control(gr: Any, param: Param, label: str, elem_id: str) -> Any:
                      elem_id=elem_id)
 
 
-def build(elem_id: Callable[[str], str]) -> list[Any]:
-    """One InputAccordion per technique (its enable box in the header), the main controls, an
-    Advanced sub-accordion, and a preset dropdown where the technique has presets. Returns the
-    components in the order of settings.arg_layout()."""
+# The WebUI's controls the schedule preview reads, by elem_id (A1111 1.10 / Forge modules/ui.py;
+# A1111's hires fix is an InputAccordion whose input is the checkbox "<id>-checkbox").
+SOURCE_IDS: dict[str, tuple[str, ...]] = {
+    "steps": ("{tab}_steps",),
+    "width": ("{tab}_width",),
+    "height": ("{tab}_height",),
+    "hires": ("txt2img_hr-checkbox", "txt2img_enable_hr"),
+    "hr_scale": ("txt2img_hr_scale",),
+    "hr_resize_x": ("txt2img_hr_resize_x",),
+    "hr_resize_y": ("txt2img_hr_resize_y",),
+    "hr_steps": ("txt2img_hires_steps",),
+    "denoising": ("img2img_denoising_strength",),
+}
+_WANTED = {i.format(tab=tab) for ids in SOURCE_IDS.values() for i in ids for tab in ("txt2img", "img2img")}
+_components: dict[str, Any] = {}  # elem_id -> the WebUI component seen with it (latest wins)
+
+
+def remember_component(component: Any, **kwargs: Any) -> None:
+    """on_after_component callback: keep the WebUI controls the preview needs."""
+    elem_id = getattr(component, "elem_id", None) or kwargs.get("elem_id")
+    if elem_id in _WANTED:
+        _components[elem_id] = component
+
+
+def webui_sources(tab: str) -> dict[str, Any]:
+    """name -> component of the tab's controls created so far (the WebUI builds them before
+    the scripts' panels in its default layout)."""
+    out = {}
+    for name, ids in SOURCE_IDS.items():
+        found = next((_components[i.format(tab=tab)] for i in ids if i.format(tab=tab) in _components), None)
+        if found is not None:
+            out[name] = found
+    return out
+
+
+def image_of(values: dict[str, Any], img2img: bool) -> Image:
+    """The preview's Image from the sources' current values (defaults for those not found)."""
+    base = Image(img2img=img2img)
+    fields = {name: type(getattr(base, name))(values[name]) for name in SOURCE_IDS if values.get(name) is not None}
+    return Image(**{**fields, "img2img": img2img})
+
+
+ModelSource = Callable[[], "tuple[str | None, UNetMap | None]"]
+_model_map: list[UNetMap] = []  # the loaded model's map, dropped when a model loads (it holds the UNet)
+
+
+def loaded_model() -> tuple[str | None, UNetMap | None]:
+    """(family, UNet map) of the WebUI's current model, or (None, None) without one."""
+    from modules import shared
+
+    from .host import host_unet
+    from .unet_map import UnsupportedModel, map_unet
+
+    unet = host_unet(SimpleNamespace(sd_model=getattr(shared, "sd_model", None)))
+    if unet is None:
+        return None, None
+    if not _model_map or _model_map[0].unet is not unet:
+        try:
+            _model_map[:] = [map_unet(unet)]
+        except UnsupportedModel:
+            return None, None
+    return _model_map[0].family, _model_map[0]
+
+
+def forget_model(*_: Any) -> None:
+    _model_map.clear()
+
+
+def _gradio4(gr: Any) -> bool:
+    return int(str(getattr(gr, "__version__", "3")).split(".")[0]) >= 4
+
+
+def _quiet(gr: Any) -> Any:
+    """show_progress for instant updates: gradio 4 takes "hidden", gradio 3 False."""
+    return "hidden" if _gradio4(gr) else False
+
+
+def _follow(gr: Any, components: list[Any], fn: Callable[..., Any], inputs: list[Any], outputs: list[Any]) -> None:
+    """fn on every change of `components`, keeping up with fast changes. Gradio 4: one event
+    for all of them that runs again after a busy spell ("always_last"). Gradio 3 drops a
+    trigger while the same event is still running (a slider dragged quickly would leave its last
+    value unseen), so there each component gets its event and fn runs once more when it
+    finishes, on the values of that moment."""
+    if _gradio4(gr) and hasattr(gr, "on"):
+        gr.on(triggers=[c.change for c in components], fn=fn, inputs=inputs, outputs=outputs,
+              show_progress="hidden", trigger_mode="always_last")
+        return
+    for component in components:
+        event = component.change(fn=fn, inputs=inputs, outputs=outputs, show_progress=_quiet(gr))
+        if hasattr(event, "then"):
+            event.then(fn=fn, inputs=inputs, outputs=outputs, show_progress=False)
+
+
+def build(elem_id: Callable[[str], str], sources: dict[str, Any] | None = None, model: ModelSource | None = None,
+          img2img: bool = False) -> list[Any]:
+    """The "UNet Mods" panel: an accordion whose label and first line say which techniques are
+    on, a "Reset all" button, one InputAccordion per technique (its enable box in the header),
+    the main controls, an Advanced sub-accordion, a preset dropdown where the technique has
+    presets, and the schedule preview, which follows the controls and the WebUI's `sources`
+    (steps, size, hires fix; see SOURCE_IDS) on the model `model()` returns. Returns the
+    technique controls in the order of settings.arg_layout()."""
     import gradio as gr
     from modules.ui_components import InputAccordion
 
     lab = labels()
+    sources = dict(sources or {})
+    model = model or (lambda: (None, None))
     components: dict[tuple[str, str], Any] = {}
-    with gr.Group(elem_id=elem_id("panel")):
+    presets: list[Any] = []
+    with gr.Accordion(PANEL_TITLE, open=False, elem_id=elem_id("panel"), elem_classes=["unetmods-panel"]) as panel:
+        with gr.Row(elem_classes=["unetmods-header"]):
+            summary_line = gr.HTML(_summary_html(Settings()), elem_id=elem_id("summary"))
+            reset = gr.Button("Reset all", elem_id=elem_id("reset"), variant="secondary", size="sm",
+                              elem_classes=["unetmods-reset"])
         # tooltips for javascript/unetmods.js (a hidden div: gradio 4 leaves invisible components out of the page)
         gr.HTML(f'<div hidden class="unetmods-titles" data-titles="{html.escape(json.dumps(titles()))}"></div>',
                 elem_classes=["unetmods-titles-holder"])
@@ -76,7 +183,58 @@ def build(elem_id: Callable[[str], str]) -> list[Any]:
                             components[(spec.id, param.name)] = _control(gr, param, lab[(spec.id, param.name)], elem_id(f"{spec.id}_{param.name}"))
                 if preset is not None:
                     _wire_preset(gr, spec, preset, components)
-    return [components[key] for key in arg_layout()]
+                    presets.append(preset)
+        with gr.Accordion("Schedule preview", open=True, elem_id=elem_id("preview_box")):
+            preview_html = gr.HTML(_preview_html(Settings(), {}, img2img, model), elem_id=elem_id("preview"))
+    controls = [components[key] for key in arg_layout()]
+    _wire_panel(gr, controls, presets, sources, summary_line, panel, reset, preview_html, model, img2img)
+    return controls
+
+
+PANEL_TITLE = "UNet Mods"
+
+
+def _summary_html(settings: Settings) -> str:
+    text = summary(settings)
+    return f'<div class="unetmods-summary" data-on="{",".join(settings.enabled_ids())}">{html.escape(text)}</div>'
+
+
+def _preview_html(settings: Settings, source_values: dict[str, Any], img2img: bool, model: ModelSource) -> str:
+    try:
+        family, umap = model()
+        return render(compute(settings, image_of(source_values, img2img), family, umap))
+    except Exception as e:  # the preview must never break the panel
+        return f'<div class="unetmods-preview um-error">Preview unavailable: {html.escape(str(e))}</div>'
+
+
+def _wire_panel(gr: Any, controls: list[Any], presets: list[Any], sources: dict[str, Any], summary_line: Any,
+                panel: Any, reset: Any, preview_html: Any, model: ModelSource, img2img: bool) -> None:
+    layout = arg_layout()
+    boxes = [c for c, (_, name) in zip(controls, layout) if name == "enabled"]
+    box_ids = [tid for tid, name in layout if name == "enabled"]
+
+    def on_boxes(*flags: bool) -> list[Any]:
+        settings = Settings({tid: {"enabled": bool(f)} for tid, f in zip(box_ids, flags)})
+        label = f"{PANEL_TITLE} · {summary(settings)}" if settings.enabled_ids() else PANEL_TITLE
+        return [_summary_html(settings), gr.update(label=label)]
+
+    _follow(gr, boxes, on_boxes, boxes, [summary_line, panel])
+
+    names = list(sources)
+
+    def on_any(*values: Any) -> str:
+        settings = Settings.from_args(values[:len(controls)])
+        return _preview_html(settings, dict(zip(names, values[len(controls):])), img2img, model)
+
+    inputs = controls + [sources[n] for n in names]
+    _follow(gr, inputs, on_any, inputs, [preview_html])
+
+    defaults = Settings().to_args()
+
+    def reset_all() -> list[Any]:
+        return [gr.update(value=v) for v in defaults] + [gr.update(value="(custom)") for _ in presets]
+
+    reset.click(fn=reset_all, inputs=[], outputs=controls + presets, show_progress=_quiet(gr))
 
 
 def _preset_dropdown(gr: Any, spec: TechniqueSpec, elem_id: Callable[[str], str]) -> Any:
@@ -92,7 +250,7 @@ def _wire_preset(gr: Any, spec: TechniqueSpec, dropdown: Any, components: dict[t
         values = spec.presets.get(choice, {})
         return [gr.update(value=values[name]) if name in values else gr.update() for name in names]
 
-    dropdown.change(fn=fill, inputs=[dropdown], outputs=outputs, show_progress=False)
+    dropdown.change(fn=fill, inputs=[dropdown], outputs=outputs, show_progress=_quiet(gr))
 
 
 def notify(message: str) -> None:

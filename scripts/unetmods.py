@@ -8,7 +8,8 @@ from modules import script_callbacks, scripts, shared
 from lib_unetmods import restore_all
 from lib_unetmods.host import (STATE_ATTR, Generation, begin_pass, on_cfg_denoiser, record_pass, settings_from,
                                write_infotext)
-from lib_unetmods.ui import build, infotext_fields, paste_field_names
+from lib_unetmods.ui import (build, forget_model, infotext_fields, loaded_model, paste_field_names, remember_component,
+                             webui_sources)
 from lib_unetmods.xyz import find_xyz_module, register
 
 _current: list[Generation] = []  # the generation whose sampling is under way (read by callbacks)
@@ -24,7 +25,7 @@ class UNetModsScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img: bool) -> list[Any]:
-        components = build(self.elem_id)
+        components = build(self.elem_id, webui_sources("img2img" if is_img2img else "txt2img"), loaded_model, is_img2img)
         self.infotext_fields = infotext_fields(components)
         self.paste_field_names = paste_field_names()
         return components
@@ -93,5 +94,7 @@ def _unload() -> None:
 script_callbacks.on_cfg_denoiser(_cfg_denoiser)
 script_callbacks.on_before_ui(_register_xyz)
 script_callbacks.on_model_loaded(lambda sd_model: restore_all())
+script_callbacks.on_model_loaded(forget_model)
+script_callbacks.on_after_component(remember_component)
 script_callbacks.on_script_unloaded(_unload)
 _register_xyz()

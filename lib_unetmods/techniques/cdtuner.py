@@ -240,11 +240,21 @@ def colour_map_push(x: torch.Tensor, cond_rows: int, boxes: Sequence[tuple[slice
 
 # --- wiring ------------------------------------------------------------------------------
 
+def pass_window(values: dict[str, Any], hires: bool) -> tuple[float, float]:
+    """(start, stop) of the detail/contrast window in this pass."""
+    return (values["hr_start"], values["hr_stop"]) if hires else (values["start"], values["stop"])
+
+
+def shift_step(shift: Sequence[float], hires: bool, hires_planned: bool, total: int) -> int | None:
+    """The step whose x0 estimate gets the latent shift, or None. With hires fix the reference
+    shifts only in the hires pass, at its last step."""
+    return total - 1 if any(shift) and (hires or not hires_planned) else None
+
+
 def apply(ctx: Any, values: dict[str, Any]) -> None:
     _apply_detail(ctx, values)
     shift = latent_shift(values, ctx.map.family)
-    # With hires fix the reference shifts only in the hires pass, at its last step.
-    shift_on = any(shift) and (ctx.hires or not ctx.hires_planned)
+    shift_on = shift_step(shift, ctx.hires, ctx.hires_planned, ctx.clock.total_steps) is not None
     colour_map = _colour_map(ctx, values)
     if (shift_on or colour_map) and ctx.map.out_conv.out_channels != 4:
         ctx.warn("the UNet does not output a 4-channel latent; latent shift and colour map skipped")
@@ -254,7 +264,7 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
 
 
 def _apply_detail(ctx: Any, values: dict[str, Any]) -> None:
-    start, stop = (values["hr_start"], values["hr_stop"]) if ctx.hires else (values["start"], values["stop"])
+    start, stop = pass_window(values, ctx.hires)
     clock = ctx.clock
     hrs = ctx.hires and values["hrs"]
     if hrs and ctx.base_shape is None and (values["d1"] or values["d2"] or values["hd1"] or values["hd2"]):
@@ -353,7 +363,7 @@ def _hook_unet_call(ctx: Any, values: dict[str, Any], shift: list[float] | None,
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> torch.Tensor | None:
         correction = pending.pop("correction", None)
-        if shift is not None and clock.step == clock.total_steps - 1:
+        if shift is not None and clock.step == shift_step(shift, ctx.hires, ctx.hires_planned, clock.total_steps):
             sigma = sigmas(out, _call_inputs(args, kwargs)[1])
             if sigma is not None:
                 _, c_out, _ = denoiser_scalings(sigma, prediction)

@@ -94,6 +94,25 @@ def full_steps(total: int, interval: int, schedule: str, center: float = 0.3, po
     return frozenset(quad_center_steps(total, -(-total // interval), int(center * total), pow_))
 
 
+def pass_plan(values: dict[str, Any], total: int) -> tuple[frozenset[int], str | None]:
+    """The full steps of a pass of `total` steps, and why the uniform schedule replaced the
+    non-uniform one (None when it did not)."""
+    try:
+        return full_steps(total, values["interval"], values["schedule"], values["center"], values["pow"]), None
+    except ValueError as e:
+        return full_steps(total, values["interval"], "uniform"), f"{e}; using the uniform schedule"
+
+
+def is_cheap(values: dict[str, Any], clock: Any, full: frozenset[int]) -> bool:
+    """The schedule's decision for the clock's step (before the cache checks): cheap inside the
+    start/end window unless the plan runs the step in full."""
+    return clock.in_window(values["start"], values["end"]) and clock.step not in full
+
+
+def runs_in_pass(values: dict[str, Any], hires: bool) -> bool:
+    return not hires or values["hires"]
+
+
 def shallow_range(level: int, num_inputs: int, num_outputs: int) -> tuple[int, int]:
     """(last input block, first output block) that a cheap step runs, for level k clamped to the model."""
     k = min(level, num_inputs - 1, num_outputs - 1)
@@ -107,19 +126,10 @@ def noise_level(call: UNetCall) -> float | None:
     return call.clock.sigma
 
 
-def planned_full_steps(values: dict[str, Any], total: int) -> tuple[frozenset[int], str | None]:
-    """full_steps for the settings, falling back to the uniform schedule (with a note) where the
-    non-uniform curve cannot place the full steps."""
-    try:
-        return full_steps(total, values["interval"], values["schedule"], values["center"], values["pow"]), None
-    except ValueError as e:
-        return full_steps(total, values["interval"], "uniform"), f"{e}; using the uniform schedule"
-
-
 def cheap_steps(values: dict[str, Any], clock: Any) -> list[int]:
     """The steps of the clock's pass that the schedule and the window make cheap (before the
     cache checks, which may still run a cheap step in full)."""
-    full = planned_full_steps(values, clock.total_steps)[0]
+    full = pass_plan(values, clock.total_steps)[0]
     return [s for s in clock.window_steps(values["start"], values["end"]) if s not in full]
 
 
@@ -196,7 +206,7 @@ class DeepCacheState:
 # --- wiring ------------------------------------------------------------------------------
 
 def apply(ctx: Any, values: dict[str, Any]) -> None:
-    if ctx.hires and not values["hires"]:
+    if not runs_in_pass(values, ctx.hires):
         return
     clock = ctx.clock
     if not cheap_steps(values, clock):
@@ -214,15 +224,15 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
 
     def plan(total: int) -> frozenset[int]:
         if total not in plans:
-            plans[total], note = planned_full_steps(values, total)
-            if note:
-                ctx.warn(note)
+            plans[total], problem = pass_plan(values, total)
+            if problem:
+                ctx.warn(problem)
         return plans[total]
 
     plan(clock.total_steps)
 
     def cheap_scheduled(clock: Any) -> bool:
-        return clock.in_window(values["start"], values["end"]) and clock.step not in plan(clock.total_steps)
+        return is_cheap(values, clock, plan(clock.total_steps))
 
     state = DeepCacheState(last_input, first_output, cheap_scheduled)
     ctx.hook("begin", state.begin)

@@ -158,6 +158,15 @@ def active_window(windows: list[Window], clock: Any) -> Window | None:
     return next((w for w in windows if clock.in_window(w.start, w.end)), None)
 
 
+def step_factor(values: dict[str, Any], window: Window, clock: Any) -> float:
+    """The downscale factor at the clock's step inside `window` (ramped with smooth scaling)."""
+    return smooth_factor(values["factor"], clock.progress, window.start, window.end) if values["smooth"] else values["factor"]
+
+
+def runs_in_pass(values: dict[str, Any], hires: bool) -> bool:
+    return not hires or values["hires"]
+
+
 # --- wiring ------------------------------------------------------------------------------
 
 STATE_KEY = "deepshrink"  # set in UNetCall.state when this call was shrunk
@@ -172,7 +181,7 @@ def check_blocks(windows: list[Window], umap: Any) -> None:
 
 
 def apply(ctx: Any, values: dict[str, Any]) -> None:
-    if ctx.hires and not values["hires"]:
+    if not runs_in_pass(values, ctx.hires):
         return
     windows = windows_of(values)
     check_blocks(windows, ctx.map)
@@ -180,15 +189,13 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
         ctx.warn(f"the window covers no step of this {ctx.clock.total_steps}-step pass; nothing to do")
         return
     clock = ctx.clock
-    factor, smooth = values["factor"], values["smooth"]
     down, up = values["downscale_method"], values["upscale_method"]
 
     def shrink(i: int, h: torch.Tensor, call: Any) -> torch.Tensor:
         window = active_window(windows, clock)
         if window is None or i != window.block:
             return h
-        f = smooth_factor(factor, clock.progress, window.start, window.end) if smooth else factor
-        size = shrunk_size(h.shape, f)
+        size = shrunk_size(h.shape, step_factor(values, window, clock))
         if size == tuple(h.shape[-2:]):
             return h
         call.state[STATE_KEY] = size

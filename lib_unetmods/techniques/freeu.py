@@ -146,6 +146,20 @@ def schedule_ratio(step: int, start: int, stop: int, smoothness: float) -> float
     return (1 - smoothness) * flat + smoothness * smooth
 
 
+def pass_window(values: dict[str, Any], hires: bool) -> tuple[float, float]:
+    """(start, stop) ratios of the pass's schedule."""
+    return (values["hr_start"], values["hr_stop"]) if hires else (values["start"], values["stop"])
+
+
+def step_ratio(values: dict[str, Any], window: tuple[float, float], clock: Any) -> float:
+    """The schedule ratio at the clock's step (0 = FreeU off at this step, 1 = full strength)."""
+    return schedule_ratio(clock.step, clock.step_of(window[0]), clock.step_of(window[1]), values["smoothness"])
+
+
+def runs_in_pass(values: dict[str, Any], hires: bool) -> bool:
+    return not hires or values["hires"]
+
+
 def freeu_join(h: torch.Tensor, skip: torch.Tensor, values: dict[str, Any], stage: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder join: the stage's factors, interpolated towards 1 by the schedule ratio."""
     b, s, hi = (1 + (values[f"{k}{stage}"] - 1) * ratio for k in ("b", "s", "high"))
@@ -164,9 +178,9 @@ def stage_of(h_channels: int, model_channels: int) -> int | None:
 # --- wiring ------------------------------------------------------------------------------
 
 def apply(ctx: Any, values: dict[str, Any]) -> None:
-    if ctx.hires and not values["hires"]:
+    if not runs_in_pass(values, ctx.hires):
         return
-    start_key, stop_key = ("hr_start", "hr_stop") if ctx.hires else ("start", "stop")
+    window = pass_window(values, ctx.hires)
     stages = [stage_of(c, ctx.map.model_channels) for c in ctx.map.h_channels]
     if not any(stages):
         ctx.warn("no decoder join has 4x, 2x or 1x the model channels; nothing to do")
@@ -177,7 +191,7 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
         stage = stages[i]
         if stage is None:
             return h, skip
-        ratio = schedule_ratio(clock.step, clock.step_of(values[start_key]), clock.step_of(values[stop_key]), values["smoothness"])
+        ratio = step_ratio(values, window, clock)
         if ratio == 0:
             return h, skip
         return freeu_join(h, skip, values, stage, ratio)

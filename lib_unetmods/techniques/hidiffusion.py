@@ -140,6 +140,14 @@ def schedule(family: str, values: dict[str, Any], height: int, width: int, total
     return Schedule((0, int(n * rad_ratio)), (0, int(n * pool_ratio)))
 
 
+def msw_active(values: dict[str, Any], clock: Any) -> bool:
+    return clock.in_window(values["msw_start"], values["msw_end"])
+
+
+def runs_in_pass(values: dict[str, Any], hires: bool) -> bool:
+    return not hires or values["hires"]
+
+
 # --- RAU-Net operators -----------------------------------------------------------------------
 
 def rad(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -273,7 +281,7 @@ def _spatial_transformer(layer: AttentionLayer) -> nn.Module:
 # --- wiring ----------------------------------------------------------------------------------
 
 def apply(ctx: Any, values: dict[str, Any]) -> None:
-    if ctx.hires and not values["hires"]:
+    if not runs_in_pass(values, ctx.hires):
         return
     if ctx.map.family not in DEFAULT_BLOCKS:
         raise Refused(f"no HiDiffusion layout for the {ctx.map.family} UNet")
@@ -394,7 +402,7 @@ def _msw_forward(attn: nn.Module, index: int, size: Callable[[], tuple[int, int]
     def forward(x: torch.Tensor, context: Any = None, mask: Any = None, **kwargs: Any) -> torch.Tensor:
         hw = size()
         if (context is not None or mask is not None or hw is None or min(hw) < 2
-                or x.shape[1] != hw[0] * hw[1] or not clock.in_window(values["msw_start"], values["msw_end"])):
+                or x.shape[1] != hw[0] * hw[1] or not msw_active(values, clock)):
             return own(x, context, mask, **kwargs)  # merged tokens (ToMe), cross-attention or outside the window
         shift = shift_of(shift_index(seed, clock.hires, clock.step, index), *hw)
         return window_attention(lambda t: own(t, **kwargs), x, hw[0], hw[1], shift)

@@ -198,8 +198,12 @@ def _tiled_forward(original: Callable[..., torch.Tensor], depth: int, size: _Lat
     return forward
 
 
+def runs_in_pass(values: dict[str, Any], hires: bool) -> bool:
+    return values["hires" if hires else "first_pass"]
+
+
 def apply(ctx: Any, values: dict[str, Any]) -> None:
-    if not values["hires" if ctx.hires else "first_pass"]:
+    if not runs_in_pass(values, ctx.hires):
         return
     layers = depth_layers(ctx.map, values["max_depth"])
     if not layers:

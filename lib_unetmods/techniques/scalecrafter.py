@@ -234,6 +234,19 @@ def make_plan(family: str, num_levels: int, conv_names: Mapping[str, str], ratio
                 disperse if values["disperse"] else frozenset(), values["disperse_stop"] or stop)
 
 
+def pixel_ratio(latent_size: tuple[int, int], native: int) -> float:
+    """The image's pixel count over native x native (the tables' key)."""
+    return latent_size[0] * latent_size[1] * 64 / native ** 2
+
+
+def ndcfg_active(plan: Plan, step: int, total: int) -> bool:
+    return plan.ndcfg is not None and step < int(plan.ndcfg_stop * total)
+
+
+def runs_in_pass(values: Mapping[str, Any], hires: bool) -> bool:
+    return not hires or values["hires"]
+
+
 def progressive_dilation(d: float, tau: int, step: int) -> float:
     """The reference's schedule: ceil(d * (tau - i) / tau), at least 2 (always an integer)."""
     return float(max(math.ceil(d * (tau - step) / tau), 2))
@@ -399,7 +412,7 @@ class Runtime:
     def ndcfg_end(self, out: torch.Tensor, call: Any) -> torch.Tensor:
         plan = self.plan(self.size) if self.size else None
         clock = self.ctx.clock
-        if self.ndcfg_pass or plan is None or plan.ndcfg is None or clock.step >= int(plan.ndcfg_stop * clock.total_steps):
+        if self.ndcfg_pass or plan is None or not ndcfg_active(plan, clock.step, clock.total_steps):
             return out
         rows, batch = call.rows(), out.shape[0]
         if rows is None or (rows[0] and rows[1] and len(rows[0]) % len(rows[1])):
@@ -449,12 +462,12 @@ def conv_names(umap: Any) -> dict[str, str]:
 
 def plan_for(umap: Any, values: Mapping[str, Any], size: tuple[int, ...], convs: dict[str, str] | None = None) -> Plan:
     """The plan for a latent of `size` (h, w); inactive at or below the native pixel count."""
-    ratio = size[0] * size[1] * 64 / native_size(umap.family, values) ** 2
+    ratio = pixel_ratio((size[0], size[1]), native_size(umap.family, values))
     return make_plan(umap.family, umap.num_levels, conv_names(umap) if convs is None else convs, ratio, values)
 
 
 def apply(ctx: Any, values: dict[str, Any]) -> None:
-    if ctx.hires and not values["hires"]:
+    if not runs_in_pass(values, ctx.hires):
         return
     convs = conv_names(ctx.map)
     if not convs:

@@ -300,8 +300,13 @@ def _latent_size_hook(state: MergeState, clock: Any, start: float, end: float) -
     return hook
 
 
+def pass_ratio(values: dict[str, Any], hires: bool) -> float:
+    """The merge ratio of the pass (0 = ToMe off in it)."""
+    return (values["hr_ratio"] or values["ratio"]) if hires else values["ratio"]
+
+
 def apply(ctx: Any, values: dict[str, Any]) -> None:
-    ratio = (values["hr_ratio"] or values["ratio"]) if ctx.hires else values["ratio"]
+    ratio = pass_ratio(values, ctx.hires)
     if ratio <= 0:
         return
     sx, sy = values["sx"], values["sy"]

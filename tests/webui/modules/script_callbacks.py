@@ -3,7 +3,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any
 
-callbacks: dict[str, list] = {k: [] for k in ("cfg_denoiser", "before_ui", "model_loaded", "script_unloaded")}
+callbacks: dict[str, list] = {k: [] for k in ("cfg_denoiser", "before_ui", "model_loaded", "script_unloaded", "after_component")}
 
 
 @dataclass
@@ -24,10 +24,10 @@ def clear_callbacks():
         registered.clear()
 
 
-def _run(name, *args):
+def _run(name, *args, **kwargs):
     for fn in list(callbacks[name]):
         try:
-            fn(*args)
+            fn(*args, **kwargs)
         except Exception:
             traceback.print_exc()
 
@@ -46,6 +46,15 @@ def on_model_loaded(fn):
 
 def on_script_unloaded(fn):
     callbacks["script_unloaded"].append(fn)
+
+
+def on_after_component(fn):
+    callbacks["after_component"].append(fn)
+
+
+def after_component_callback(component, **kwargs):
+    """The WebUI calls this for every gradio component it creates (ui.py's and scripts')."""
+    _run("after_component", component, **kwargs)
 
 
 def cfg_denoiser_callback(params):
