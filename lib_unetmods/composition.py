@@ -7,6 +7,7 @@ A rule looks at the settings and the model and, where two techniques clash, turn
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -121,7 +122,10 @@ def _shrink_block(settings: Settings, umap: UNetMap) -> int:
 def _hidiffusion_block(settings: Settings, umap: UNetMap) -> int:
     """RAU-Net's first resized input block (its RAD or its pooled pair)."""
     hd = settings["hidiffusion"]
-    return min(pool_pair(umap, hd["pool_blocks"])[0], rau_pair(umap, hd["rau_blocks"])[0])
+    try:
+        return min(pool_pair(umap, hd["pool_blocks"])[0], rau_pair(umap, hd["rau_blocks"])[0])
+    except Refused:  # blocks that do not fit this model: RAU-Net is skipped with its own message
+        return sys.maxsize
 
 
 def _cap_cache_level(first_block: Callable[[Settings, UNetMap], int]) -> Callable[[Settings, UNetMap], None]:

@@ -285,6 +285,7 @@ def test_colour_map_regions_and_vectors():
     r = colour_map_ratio([0.1, -0.2, 0.05], 0, 1.0, 2, False)
     assert r == pytest.approx((5 + 10 + 2.5) / 10 / 1.1 * 0.5 * 0.85)
     assert colour_map_ratio([0.1, -0.2, 0.05], 1, 2.0, 6, True) == pytest.approx(17.5 / 10 / (1 + 2 ** 1.5 / 10) * 1.0 * 0.25 * 0.4)
+    assert colour_map_ratio([0.4, -0.4, 0.4], 0, 2.0, 2, False) == 1.0  # capped: above 1 the push inverts and overflows
 
 
 def test_colour_map_push_by_hand():

@@ -63,3 +63,20 @@ def test_deepcache_level_stays_above_resized_blocks(other, level, expected, make
     resolved, notes = resolve_conflicts(settings, map_unet(make_unet("sd15")))
     assert resolved["deepcache"]["level"] == expected
     assert bool(notes) == (expected != level)
+
+
+def test_deepcache_rule_with_hidiffusion_blocks_that_do_not_fit_the_model(make_unet):
+    """Found by the soak: RAU-Net blocks outside the model's range made the DeepCache rule raise
+    (the image was then generated with no mods and no message). RAU-Net is skipped with its own
+    message instead, and DeepCache keeps its level."""
+    unet = make_unet("sd21")
+    settings = Settings.from_text("deepcache level=11; hidiffusion pool_blocks=7/1 auto=false", strict=True)
+    resolved, _ = resolve_conflicts(settings, map_unet(unet))
+    assert resolved["deepcache"]["level"] == 11
+    clock = StepClock()
+    clock.start(20)
+    applied = apply_mods(unet, settings, clock, latent_shape=(1, 4, 9, 35))
+    try:
+        assert any(m.startswith("HiDiffusion") and "skipped" in m for m in applied.messages), applied.messages
+    finally:
+        applied.restore()

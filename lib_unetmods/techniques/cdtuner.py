@@ -217,10 +217,13 @@ def parse_colours(text: str) -> list[list[float]]:
 
 def colour_map_ratio(vector: Sequence[float], push_index: int, strength: float, stop: int, hires: bool) -> float:
     """The reference's blend ratio for the push_index-th push: |vector|_1 * 5, decaying with the
-    push index, times strength/2, 1/4 in the hires pass and a factor falling with the step count."""
+    push index, times strength/2, 1/4 in the hires pass and a factor falling with the step count.
+    Capped at 1: with strong colours the reference's ratio passes 1, and (1 - ratio) then inverts
+    and amplifies the latent on every push until it overflows (a black or NaN image)."""
     steps_factor = 1.15 - 0.15 * stop if stop < 5 else 0.4
     decay = 1 / (1 + (1 + push_index) ** 1.5 / 10)
-    return sum(abs(v * 50) for v in vector) / 10 * decay * (0.5 * strength) * (0.25 if hires else 1.0) * steps_factor
+    ratio = sum(abs(v * 50) for v in vector) / 10 * decay * (0.5 * strength) * (0.25 if hires else 1.0) * steps_factor
+    return min(ratio, 1.0)
 
 
 def colour_map_push(x: torch.Tensor, cond_rows: int, boxes: Sequence[tuple[slice, slice]], vectors: Sequence[Sequence[float]],
