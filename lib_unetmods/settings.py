@@ -89,14 +89,18 @@ class Settings:
 
     @classmethod
     def from_text(cls, text: str, strict: bool = False) -> "Settings":
+        """A technique named twice is merged left to right: "freeu preset=sd15; freeu b1=1.2"
+        is the preset with b1=1.2."""
         settings = cls()
+        seen: set[str] = set()
         for part in filter(None, (s.strip() for s in text.split(";"))):
             tid, _, rest = part.partition(" ")
             spec = SPECS.get(tid)
             if spec is None:
                 settings.errors.append(f"unknown technique {tid!r} (known: {', '.join(SPECS)})")
                 continue
-            settings.values[tid] = spec.from_text(rest, settings.errors)
+            settings.values[tid] = spec.from_text(rest, settings.errors, settings.values[tid] if tid in seen else None)
+            seen.add(tid)
         if strict and settings.errors:
             raise SettingsError("; ".join(settings.errors))
         return settings
