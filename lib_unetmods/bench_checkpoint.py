@@ -37,19 +37,22 @@ def read_header(path: str) -> dict[str, Any]:
         raise BenchError(f"--checkpoint {path}: no such file")
     if os.path.isdir(path):
         raise BenchError(f"--checkpoint {path}: is a folder; give the .safetensors file")
+    pickle = (f"--checkpoint {path}: a pickle checkpoint (.ckpt/.pt) is refused because loading one can run "
+              "arbitrary code; convert it to .safetensors first (e.g. the WebUI's Checkpoint Merger with "
+              "safetensors output)")
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        raise BenchError(pickle)
     with open(path, "rb") as f:
         head = f.read(8)
-        if path.lower().endswith(PICKLE_SUFFIXES) or head[:2] == b"PK" or head[:1] == b"\x80":
-            raise BenchError(f"--checkpoint {path}: a pickle checkpoint (.ckpt/.pt) is refused because loading one "
-                             "can run arbitrary code; convert it to .safetensors first (e.g. the WebUI's Checkpoint "
-                             "Merger with safetensors output)")
-        size = os.path.getsize(path)
-        if len(head) < 8 or not 2 <= (length := struct.unpack("<Q", head)[0]) <= size - 8:
-            raise BenchError(f"--checkpoint {path}: not a .safetensors file (no valid header)")
+        length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
         try:
+            if not 2 <= length <= os.path.getsize(path) - 8:
+                raise ValueError
             header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise BenchError(f"--checkpoint {path}: not a .safetensors file (header is not JSON)") from None
+        except (ValueError, UnicodeDecodeError):
+            if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip, or a bare pickle
+                raise BenchError(pickle) from None
+            raise BenchError(f"--checkpoint {path}: not a .safetensors file (no valid header)") from None
     if not isinstance(header, dict):
         raise BenchError(f"--checkpoint {path}: not a .safetensors file (header is not a table)")
     header.pop("__metadata__", None)

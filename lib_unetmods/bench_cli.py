@@ -196,7 +196,7 @@ def parse_mods(texts: list[str]) -> list[tuple[str, Any, list[str]]]:
         except SettingsError as e:
             raise BenchError(f"--mods {text!r}: {e}") from None
         if not settings.enabled_ids():
-            raise BenchError(f"--mods {text!r}: no technique in it (known: tome, hypertile, ...; see README)")
+            raise BenchError(f"--mods {text!r}: no technique switched on in it")
         out.append((text, settings, merged_notes(text)))
     return out
 
