@@ -90,17 +90,22 @@ def test_ctrl_c_leaves_a_valid_partial_result(capsys, tmp_path, monkeypatch):
     assert "freeu" in captured.out  # the table so far on stdout
 
 
-def test_compare_tomesd(capsys, tmp_path):
-    pytest.importorskip("tomesd")
-    argv = ["--steps", "2", "--repeats", "1", "--mods", "tome ratio=0.5", "--compare", "tomesd"]
+def compare(capsys, tmp_path, argv, ours):
+    """(the comparison line's output difference, the rows written) of a --compare run."""
     code = bench.main([*TINY, *argv, "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0
-    line = next(line for line in out.splitlines() if line.startswith("tome ratio=0.5 (ours)"))
-    assert " vs tomesd " in line
-    diff = float(line.rsplit("differ by ", 1)[1].split()[0])
-    assert diff < 1e-4  # the same algorithm: float rounding only (tomesd's unstable argsort order)
+    line = next(line for line in out.splitlines() if line.startswith(f"{ours} (ours)"))
     rows = {r["label"]: r for r in map(json.loads, open(tmp_path / (bench_run_tag(tmp_path, *argv) + ".jsonl")))}
+    return line, float(line.rsplit("differ by ", 1)[1].split()[0]), rows
+
+
+def test_compare_tomesd(capsys, tmp_path):
+    pytest.importorskip("tomesd")
+    argv = ["--steps", "2", "--repeats", "1", "--mods", "tome ratio=0.5", "--compare", "tomesd"]
+    line, diff, rows = compare(capsys, tmp_path, argv, "tome ratio=0.5")
+    assert " vs tomesd " in line
+    assert diff < 1e-4  # the same algorithm: float rounding only (tomesd's unstable argsort order)
     assert rows["tomesd"]["rel_diff"] > 1e-3 and rows["tomesd"]["speedup"] > 0  # it did merge tokens
     assert "max_downsample=1" in rows["tomesd"]["mods"]
 
@@ -109,12 +114,8 @@ def test_compare_deepcache(capsys, tmp_path):
     pytest.importorskip("DeepCache")
     pytest.importorskip("diffusers")
     argv = ["--steps", "4", "--repeats", "1", "--mods", "deepcache interval=3 level=1", "--compare", "deepcache"]
-    code = bench.main([*TINY, *argv, "--out", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert code == 0
-    line = next(line for line in out.splitlines() if line.startswith("deepcache interval=3 level=1 (ours)"))
-    assert float(line.rsplit("differ by ", 1)[1].split()[0]) < 1e-4
-    rows = {r["label"]: r for r in map(json.loads, open(tmp_path / (bench_run_tag(tmp_path, *argv) + ".jsonl")))}
+    line, diff, rows = compare(capsys, tmp_path, argv, "deepcache interval=3 level=1")
+    assert " vs DeepCache pkg " in line and diff < 1e-4
     package = rows["DeepCache pkg"]
     assert package["reference"] == "diffusers UNet" and "interval=3 branch=1" in package["mods"]
     assert package["rel_diff"] > 1e-4  # cheap steps changed the result
