@@ -126,3 +126,15 @@ def test_compare_deepcache_refuses_sdxl(capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
         bench.main(["--arch", "sdxl", "--compare", "deepcache", "--out", str(tmp_path)])
     assert exc.value.code == 2 and "SD1.x/SD2.x only" in capsys.readouterr().err
+
+
+def test_ratio_interpolates_the_baseline_between_the_runs_around_it(tmp_path):
+    bench_ = bench_run.Bench(bench_cli.parse_args([*TINY, "--out", str(tmp_path)]))
+    base, a, b = (bench_run.Config(label, "") for label in ("baseline", "a", "b"))
+    bench_.configs = [base, a, b]
+    bench_.runs = [bench_run.Run(0, 0, "baseline", 10.0, 0), bench_run.Run(1, 0, "a", 5.0, 0),
+                   bench_run.Run(2, 0, "b", 12.0, 0), bench_run.Run(3, 0, "baseline", 13.0, 0)]
+    assert bench_.ratios(a) == [pytest.approx(11 / 5)]  # baseline 10 -> 13 over 3 places: 11 at the first
+    assert bench_.ratios(b) == [pytest.approx(12 / 12)]
+    bench_.runs = bench_.runs[:2]  # interrupted before the closing baseline: the one before
+    assert bench_.ratios(a) == [pytest.approx(2.0)]
