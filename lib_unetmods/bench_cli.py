@@ -17,11 +17,12 @@ ARCHS = ("sd15", "sd21", "sdxl")  # as lib_unetmods.random_unets.ARCHS (importin
 COMPARE = {"tomesd": ("tomesd",), "deepcache": ("DeepCache", "diffusers")}  # --compare name: modules it needs
 PROG = "python -m lib_unetmods.bench"
 
-# The default run and --full (today's long run). The default's cost on a quiet 2-core CPU with
-# the full-size SD1.5 UNet: about 17 runs x 3 steps x 6.5 s per UNet call at 448x448 = 5.5 min.
-# 3 steps is the fewest at which every technique acts: Deep Shrink's recommended window (35 % of
-# the steps) covers step 0 and DeepCache (interval 3) has cheap steps; HyperTile still tiles at 448.
-QUICK = {"size": (448, 448), "steps": 3, "repeats": 2}
+# The default run and --full (today's long run). The default's cost with the full-size SD1.5 UNet
+# on a quiet 2-core CPU: about 15 run-equivalents x 3 steps x ~5 s per UNet call at 384x384, plus
+# the build and a warm-up call: ~4.5 min (448x448 measured 50 min under a load of 10-15, i.e. too
+# close to 6 min when quiet). 3 steps is the fewest at which every technique acts: Deep Shrink's
+# recommended window (35 % of the steps) covers step 0 and DeepCache (interval 3) has cheap steps.
+QUICK = {"size": (384, 384), "steps": 3, "repeats": 2}
 FULL = {"size": (512, 512), "steps": 4, "repeats": 2}
 
 DESCRIPTION = """\

@@ -29,7 +29,7 @@ def test_help_is_fast_shows_defaults_and_imports_no_torch():
     assert elapsed < 2.0, f"--help took {elapsed:.1f} s"
     for option in bench_cli.OPTIONS:
         assert option.flags[0] in result.stdout
-    for default in ("default: 448x448", "default: 3", "default: cpu", "default: bench-out", "default: 1)"):
+    for default in ("default: 384x384", "default: 3", "default: cpu", "default: bench-out", "default: 1)"):
         assert default in result.stdout, default
     probe = subprocess.run([sys.executable, "-c", "import sys\nfrom lib_unetmods import bench\n"
                             "try:\n    bench.parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
@@ -106,7 +106,7 @@ def test_file_name_carries_the_settings(tmp_path):
     c = bench_cli.parse_args(["--mods", "freeu", "--out", str(tmp_path)])
     tags = {bench_run.file_tag(x) for x in (a, b, c)}
     assert len(tags) == 3
-    assert "448x448" in bench_run.file_tag(a) and "3steps" in bench_run.file_tag(a)
+    assert "384x384" in bench_run.file_tag(a) and "3steps" in bench_run.file_tag(a)
 
 
 def test_mods_named_twice_merge_left_to_right_and_say_so(tmp_path):
