@@ -2,8 +2,8 @@
 its recommended settings (or --mods), on the same inputs, with the WebUI's default attention
 kernel (SDPA). `python -m lib_unetmods.bench --help` lists the options.
 
-    python -m lib_unetmods.bench                  # SD1.5-sized UNet, 512x512, 2 steps, 2 rounds: ~5 min on 2 cores
-    python -m lib_unetmods.bench --full           # 4 steps, 3 rounds
+    python -m lib_unetmods.bench                  # SD1.5-sized UNet, 384x384, 3 steps, 2 rounds: ~5 min on 2 cores
+    python -m lib_unetmods.bench --full           # 512x512, 4 steps, 2 rounds: ~13 min
     python -m lib_unetmods.bench --checkpoint model.safetensors --size 768x768 --mods "tome ratio=0.5"
     python -m lib_unetmods.bench --compare tomesd --size 768x768
 
