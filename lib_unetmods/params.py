@@ -177,9 +177,10 @@ class TechniqueSpec:
         ]
         return " ".join(parts) or "default"
 
-    def from_text(self, text: str, errors: list[str]) -> dict[str, Any]:
-        """Inverse of to_text; the technique counts as enabled unless the text says enabled=false."""
-        values = self.defaults()
+    def from_text(self, text: str, errors: list[str], base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Inverse of to_text; the technique counts as enabled unless the text says enabled=false.
+        With `base`, the text updates those values instead of the defaults."""
+        values = dict(base) if base is not None else self.defaults()
         values["enabled"] = True
         changes: dict[str, str] = {}
         for token in text.split():

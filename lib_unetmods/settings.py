@@ -97,12 +97,17 @@ class Settings:
 
     @classmethod
     def from_text(cls, text: str, strict: bool = False, family: str | None = None) -> "Settings":
-        """`stack=NAME` expands a one-click stack (stacks.py) for `family`; later parts override it."""
+        """A technique named twice is merged left to right: "freeu preset=sd15; freeu b1=1.2"
+        is the preset with b1=1.2. `stack=NAME` expands a one-click stack (stacks.py) for
+        `family`; later parts override it."""
         settings = cls()
+        seen: set[str] = set()
         for part in filter(None, (s.strip() for s in text.split(";"))):
             if part.startswith("stack="):
                 try:
-                    settings.update_from_dict(stack_settings(part[6:], family or ""))
+                    stack = stack_settings(part[6:], family or "")
+                    settings.update_from_dict(stack)
+                    seen.update(stack)
                 except ValueError as e:
                     settings.errors.append(str(e) if family else f"{part}: the model family is needed to expand a stack")
                 continue
@@ -111,7 +116,8 @@ class Settings:
             if spec is None:
                 settings.errors.append(f"unknown technique {tid!r} (known: {', '.join(SPECS)})")
                 continue
-            settings.values[tid] = spec.from_text(rest, settings.errors)
+            settings.values[tid] = spec.from_text(rest, settings.errors, settings.values[tid] if tid in seen else None)
+            seen.add(tid)
         if strict and settings.errors:
             raise SettingsError("; ".join(settings.errors))
         return settings

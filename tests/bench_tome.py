@@ -26,12 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lib_unetmods import Settings, StepClock, apply_mods  # noqa: E402
 from lib_unetmods import random_unets  # noqa: E402
+from lib_unetmods.bench_compare import unet_call, with_tomesd  # noqa: E402  (the one copy, shipped)
 from lib_unetmods.random_unets import build_unet, example_inputs, sdpa_attention, webui_cat_fix  # noqa: E402
-
-
-def unet_call(unet: nn.Module, inputs: dict) -> torch.Tensor:
-    kwargs = {"y": inputs["y"]} if inputs["y"] is not None else {}
-    return unet(inputs["x"], inputs["timesteps"], context=inputs["context"], **kwargs)
 
 
 def ours(unet: nn.Module, inputs: dict, text: str) -> torch.Tensor:
@@ -42,19 +38,6 @@ def ours(unet: nn.Module, inputs: dict, text: str) -> torch.Tensor:
         return unet_call(unet, inputs)
     finally:
         applied.restore()
-
-
-def with_tomesd(unet: nn.Module, inputs: dict, **options) -> torch.Tensor:
-    import tomesd
-
-    holder = nn.Module()
-    holder.model = nn.Module()
-    holder.model.diffusion_model = unet
-    tomesd.apply_patch(holder, **options)
-    try:
-        return unet_call(unet, inputs)
-    finally:
-        tomesd.remove_patch(holder)
 
 
 def main() -> None:

@@ -214,19 +214,11 @@ def test_parity_with_deepcache_helper(make_unet):
     """DeepCacheSDHelper on the same weights converted to diffusers, uniform schedule, DDIM timesteps."""
     pytest.importorskip("diffusers")
     from DeepCache import DeepCacheSDHelper
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
-    from lib_unetmods.random_unets import _TINY
+    from diffusers import DDIMScheduler
+    from lib_unetmods.bench_compare import diffusers_unet
 
     unet = make_unet("sd15")
-    params = dict(image_size=32, in_channels=4, out_channels=4, num_res_blocks=2, transformer_depth=1, **_TINY["sd15"])
-    original = {"model": {"params": {"unet_config": {"params": params},
-                                     "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}}}}}
-    checkpoint = {f"model.diffusion_model.{k}": v for k, v in unet.state_dict().items()}
-    config = create_unet_diffusers_config_from_ldm(original, checkpoint)
-    reference = UNet2DConditionModel(**config)
-    reference.load_state_dict(convert_ldm_unet_checkpoint(checkpoint, config))
-    reference.eval().requires_grad_(False)
+    reference = diffusers_unet(unet, "sd15", "tiny")
     scheduler = DDIMScheduler()
     steps = 7
     scheduler.set_timesteps(steps)

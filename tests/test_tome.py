@@ -5,9 +5,9 @@ import functools
 import pytest
 import torch
 
-import bench_tome
 import tomesd.merge
 from lib_unetmods import Settings, SettingsError, StepClock, apply_mods
+from lib_unetmods import bench_compare
 from lib_unetmods.random_unets import build_unet, example_inputs, sdpa_attention, webui_cat_fix
 from lib_unetmods.techniques import tome
 from lib_unetmods.techniques.tome import bipartite_soft_matching, dst_partition, token_grid
@@ -37,7 +37,7 @@ def call(unet, inputs):
 
 def with_tomesd(unet, inputs, **options):
     with torch.no_grad(), webui_cat_fix(), sdpa_attention():
-        return bench_tome.with_tomesd(unet, inputs, **options)
+        return bench_compare.with_tomesd(unet, inputs, **options)
 
 
 def with_ours(unet, inputs, text, seed=0, step=0, steps=1, hires=False):
