@@ -10,6 +10,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 torch.set_num_threads(1)  # tiny UNets: more threads only add overhead (and contention on shared CI cores)
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test starts on one thread, whatever an earlier one (a benchmark with --threads) set."""
+    torch.set_num_threads(1)
+    yield
+
 from lib_unetmods.random_unets import build_unet, example_inputs  # noqa: E402
 
 

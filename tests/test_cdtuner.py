@@ -21,13 +21,6 @@ from model_state import assert_restored, snapshot
 SPEC = cdtuner.SPEC
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny UNets run 20-50x slower with 2 threads than with 1 on the shared, loaded CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 ZERO = dict.fromkeys(("d1", "d2", "hd1", "hd2", "con1", "con2", "bri", "col1", "col2", "col3", "sat", "sat2"), 0.0)
 
 

@@ -19,15 +19,6 @@ from model_state import assert_restored, snapshot
 import ldm.modules.diffusionmodules.openaimodel as openaimodel
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two threads on two cores shared by other jobs make each call many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def dc(text: str = "") -> Settings:
     return Settings.from_text(f"deepcache {text}", strict=True)
 

@@ -7,7 +7,7 @@ import torch
 import ldm.modules.diffusionmodules.openaimodel as openaimodel
 from lib_unetmods import Settings, StepClock, apply_mods, restore_model
 from lib_unetmods.apply import ApplyContext
-from lib_unetmods.forward import Refused, install_forward
+from lib_unetmods.forward import install_forward
 from lib_unetmods.patcher import ACTIVE, MARKER, Patcher, restore_all
 from lib_unetmods.unet_map import map_unet
 from model_state import assert_restored, snapshot

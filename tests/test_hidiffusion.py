@@ -10,7 +10,6 @@ import torch
 from lib_unetmods import Settings, StepClock, apply_mods
 from lib_unetmods.composition import resolve_conflicts
 from lib_unetmods.random_unets import sdpa_attention
-from lib_unetmods.techniques import SPECS
 from lib_unetmods.techniques import hidiffusion as hd
 from lib_unetmods.unet_map import map_unet
 from model_state import assert_restored, snapshot

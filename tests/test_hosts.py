@@ -8,7 +8,6 @@ Each run also checks the exact restore of the model (and of Forge's UnetPatcher)
 from __future__ import annotations
 
 import copy
-import types
 
 import pytest
 import torch
@@ -113,14 +112,6 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.allclose(a, b, rtol=1e-4, atol=1e-3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("host", HOSTS[1:])
 def test_hosts_agree_without_techniques(host):
     assert close(result(host, "sd15", None), result("a1111", "sd15", None))
@@ -213,7 +204,6 @@ def test_controlnets_leftover_forward_never_disables_a_technique():
     assert leftover.__self__ is unet and leftover.__func__ is type(unet).forward
     try:
         for key, text in ACTIVE.items():
-            messages: list[str] = []
             data = inputs("sd15")
             clock = StepClock()
             clock.start(STEPS)

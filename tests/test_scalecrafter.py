@@ -24,16 +24,6 @@ DATA = next((p for p in (os.path.join(ROOT, "..", "shared", "data"), os.path.joi
              if os.path.isdir(p)), None)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """conftest allows 2 threads; on the shared 2-core machine that makes these tiny UNet runs
-    ~40x slower (threads spin while waiting), so this module runs single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def shared(name):
     if DATA is None:
         pytest.skip("shared/data (reference files) is not beside the checkout")

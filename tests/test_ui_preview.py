@@ -19,14 +19,6 @@ from lib_unetmods.unet_map import map_unet
 STEPS = 10
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @torch.no_grad()
 def run_steps(unet, settings, size, record, steps=STEPS):
     """Apply `settings` for one pass of `steps`, call the UNet once per step (timesteps falling),
