@@ -10,6 +10,7 @@ venv=".venv-gradio$major"
 python="${PYTHON:-python3.11}"
 command -v "$python" >/dev/null || python=python3
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+bash dev/install-torch.sh "$venv"
 pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
 "${pip[@]}" -r dev/requirements.txt -r "dev/requirements-gradio$major.txt"
 "${pip[@]}" --no-deps -r dev/requirements-nodeps.txt

@@ -25,7 +25,7 @@ from types import ModuleType
 
 import torch
 
-from .bench import fmt_time
+from .bench_run import fmt_time
 from .random_unets import ARCHS
 
 TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
