@@ -315,7 +315,8 @@ class Bench:
     def title(self) -> str:
         a = self.args
         weights = os.path.basename(a.checkpoint) if a.checkpoint else "random weights"
-        return (f"{a.arch} UNet ({a.unet_size}, {weights}), {a.width}x{a.height}, {a.steps} steps, batch {a.batch} "
+        host = "" if a.host == "ldm" else f" on the {a.host} stand-in"
+        return (f"{a.arch} UNet ({a.unet_size}, {weights}){host}, {a.width}x{a.height}, {a.steps} steps, batch {a.batch} "
                 f"({2 * a.batch} UNet rows), {a.repeats} rounds, {a.device}, {torch.get_num_threads()} threads, "
                 f"SDPA, fp32")
 
