@@ -12,6 +12,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -66,7 +67,11 @@ def page():
         yield driver
     finally:
         driver.quit()
-        app.close()
+        # gradio 3's close() joins its (daemon) server thread, which can wait forever on a browser
+        # connection uvicorn keeps open: give it a while, then let the process end without it
+        closer = threading.Thread(target=app.close, daemon=True)
+        closer.start()
+        closer.join(timeout=20)
 
 
 # --- helpers that work on gradio 3's and gradio 4's DOM ----------------------------------
