@@ -131,6 +131,8 @@ class Bench:
         self.tag = file_tag(args)
         self.path = os.path.join(args.out, self.tag)
         self.models: dict[str, nn.Module] = {}
+        self.heartbeat_s = 60.0
+        self.current: tuple[str, StepClock, float] | None = None  # the run in progress: label, clock, start
 
     def say(self, text: str) -> None:
         print(text, file=self.log, flush=True)
@@ -185,7 +187,9 @@ class Bench:
         model = self.models[config.model]
         clock = StepClock()
         clock.start(self.args.steps)
+        self.current = (config.label, clock, time.perf_counter())
         with ExitStack() as stack:
+            stack.callback(setattr, self, "current", None)
             if config.settings is not None:
                 applied = apply_mods(model, config.settings, clock, seed=self.args.seed,
                                      latent_shape=tuple(self.inputs["noise"].shape))
@@ -221,6 +225,9 @@ class Bench:
         with ExitStack() as stack:
             stack.enter_context(sdpa_attention())
             stack.enter_context(webui_cat_fix())
+            stop = threading.Event()
+            stack.callback(stop.set)
+            threading.Thread(target=self._heartbeat, args=(stop,), daemon=True).start()
             start = time.perf_counter()
             for model in self.models.values():  # warm-up: first calls allocate and pick kernels
                 self.sample(model, StepClock(), 1)
@@ -246,6 +253,18 @@ class Bench:
                          f"  {ratio:>7}   eta {fmt_time(eta)}")
                 if config is self.configs[0] and index > 0:
                     self.say(table(self.rows(), heading=f"after round {r + 1} of {args.repeats}:"))
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        """A line every heartbeat_s while a run lasts that long (a 1024x1024 step takes about a
+        minute on a 2-core CPU): its step and the time it still needs at its pace so far."""
+        while not stop.wait(self.heartbeat_s):
+            current = self.current
+            if current is None:
+                continue
+            label, clock, began = current
+            elapsed, done, steps = time.perf_counter() - began, clock.step, self.args.steps
+            left = f", about {fmt_time(elapsed / done * (steps - done))} left in this run" if done else ""
+            self.say(f"      {label}: step {min(done + 1, steps)}/{steps}, {fmt_time(elapsed)} so far{left}")
 
     # --- results -------------------------------------------------------------------------
     def ratios(self, config: Config) -> list[float]:

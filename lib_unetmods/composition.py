@@ -14,7 +14,7 @@ from typing import Callable
 from .clock import StepClock
 from .forward import Refused
 from .settings import Settings
-from .techniques import deepcache, deepshrink, hidiffusion, scalecrafter, tome
+from .techniques import TECHNIQUES, deepcache, deepshrink, hidiffusion, scalecrafter, tome
 from .techniques.hidiffusion import msw_level, pool_pair, rau_pair
 from .techniques.hypertile import tiled_levels
 from .unet_map import UNetMap
@@ -150,8 +150,16 @@ _DEEPCACHE = (
 RULES: tuple[Rule, ...] = (*_TOME, *_SCALECRAFTER, *_HIDIFFUSION, *_DEEPCACHE)
 
 
-def _hires_ok(values: dict, clock: StepClock | None) -> bool:
-    return clock is None or not clock.hires or values.get("hires", True)
+_PASS_RULES = {module.SPEC.id: module.runs_in_pass for module in TECHNIQUES if hasattr(module, "runs_in_pass")}
+
+
+def _runs_in_pass(tid: str, values: dict, clock: StepClock | None) -> bool:
+    """The technique's own rule for which passes it runs in (its hires / first-pass boxes);
+    without a clock, either pass counts."""
+    runs = _PASS_RULES.get(tid)
+    if runs is None:
+        return True
+    return runs(values, clock.hires) if clock is not None else runs(values, False) or runs(values, True)
 
 
 def _scalecrafter_acts(values: dict, umap: UNetMap, where: PassInfo) -> bool:
@@ -187,7 +195,6 @@ def _tome_acts(values: dict, umap: UNetMap, where: PassInfo) -> bool:
 
 _ACTS: dict[str, Callable[[dict, UNetMap, PassInfo], bool]] = {
     "tome": _tome_acts,
-    "hypertile": lambda v, m, w: bool(v["first_pass"] or v["hires"] if w.clock is None else v["hires" if w.clock.hires else "first_pass"]),
     "deepcache": lambda v, m, w: w.clock is None or bool(deepcache.cheap_steps(v, w.clock)),
     "scalecrafter": _scalecrafter_acts,
     "deepshrink": _deepshrink_acts,
@@ -203,7 +210,7 @@ def acting(settings: Settings, umap: UNetMap, where: PassInfo) -> set[str]:
     """Techniques (and parts, "technique.part") that would act in this pass."""
     out = set()
     for tid, values in settings.values.items():
-        if values["enabled"] and _hires_ok(values, where.clock) and _ACTS.get(tid, lambda *a: True)(values, umap, where):
+        if values["enabled"] and _runs_in_pass(tid, values, where.clock) and _ACTS.get(tid, lambda *a: True)(values, umap, where):
             out.add(tid)
     for part, acts in _PART_ACTS.items():
         tid = part.partition(".")[0]

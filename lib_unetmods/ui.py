@@ -16,8 +16,9 @@ from .host import LOG_PREFIX
 from .params import Param, TechniqueSpec
 from .preview import Image, compute, render, summary
 from .settings import Settings, arg_layout
+from .stacks import STACKS, stack_settings
 from .techniques import SPECS
-from .unet_map import UNetMap
+from .unet_map import SD1, UNetMap
 
 
 def labels() -> dict[tuple[str, str], str]:
@@ -35,7 +36,14 @@ def titles() -> dict[str, str]:
     lab = labels()
     out = {lab[(spec.id, p.name)]: p.tooltip for spec in SPECS.values() for p in spec.params}
     out.update({f"{spec.title} preset": f"Fill {spec.title}'s controls from a preset." for spec in SPECS.values() if spec.presets})
+    out.update({_stack_label(name): f"Set every control for the '{name}' stack on the loaded model "
+                f"({', '.join(STACKS[name][SD1])}; everything else off). See the README, 'Speed stack'."
+                for name in STACKS})
     return out
+
+
+def _stack_label(name: str) -> str:
+    return f"Stack: {name}"
 
 
 def _control(gr: Any, param: Param, label: str, elem_id: str) -> Any:
@@ -162,6 +170,8 @@ def build(elem_id: Callable[[str], str], sources: dict[str, Any] | None = None, 
     with gr.Accordion(PANEL_TITLE, open=False, elem_id=elem_id("panel"), elem_classes=["unetmods-panel"]) as panel:
         with gr.Row(elem_classes=["unetmods-header"]):
             summary_line = gr.HTML(_summary_html(Settings()), elem_id=elem_id("summary"))
+            stacks = {name: gr.Button(_stack_label(name), elem_id=elem_id(f"stack_{name}"), variant="secondary",
+                                      size="sm", elem_classes=["unetmods-reset"]) for name in STACKS}
             reset = gr.Button("Reset all", elem_id=elem_id("reset"), variant="secondary", size="sm",
                               elem_classes=["unetmods-reset"])
         # tooltips for javascript/unetmods.js (a hidden div: gradio 4 leaves invisible components out of the page)
@@ -188,6 +198,8 @@ def build(elem_id: Callable[[str], str], sources: dict[str, Any] | None = None, 
             preview_html = gr.HTML(_preview_html(Settings(), {}, img2img, model), elem_id=elem_id("preview"))
     controls = [components[key] for key in arg_layout()]
     _wire_panel(gr, controls, presets, sources, summary_line, panel, reset, preview_html, model, img2img)
+    for name, button in stacks.items():
+        _wire_stack(gr, name, button, controls, presets, model)
     return controls
 
 
@@ -235,6 +247,17 @@ def _wire_panel(gr: Any, controls: list[Any], presets: list[Any], sources: dict[
         return [gr.update(value=v) for v in defaults] + [gr.update(value="(custom)") for _ in presets]
 
     reset.click(fn=reset_all, inputs=[], outputs=controls + presets, show_progress=_quiet(gr))
+
+
+def _wire_stack(gr: Any, name: str, button: Any, controls: list[Any], presets: list[Any], model: ModelSource) -> None:
+    """The stack's button: every control to the stack's settings for the loaded model's family
+    (SD1's before a model is known), the techniques outside the stack back to their defaults."""
+    def fill() -> list[Any]:
+        family = model()[0] or SD1
+        values = Settings(stack_settings(name, family)).to_args()
+        return [gr.update(value=v) for v in values] + [gr.update(value="(custom)") for _ in presets]
+
+    button.click(fn=fill, inputs=[], outputs=controls + presets, show_progress=_quiet(gr))
 
 
 def _preset_dropdown(gr: Any, spec: TechniqueSpec, elem_id: Callable[[str], str]) -> Any:

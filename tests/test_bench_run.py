@@ -1,7 +1,11 @@
 """The benchmark's runs on a tiny UNet: honest rows (no-ops not timed or ranked, a spread only
 from 2 rounds, peak memory per configuration), results on disk after every run, Ctrl-C leaving a
 valid partial result, and --compare with tomesd and the DeepCache package."""
+import io
 import json
+import re
+import threading
+import time
 
 import pytest
 import torch
@@ -138,3 +142,26 @@ def test_ratio_interpolates_the_baseline_between_the_runs_around_it(tmp_path):
     assert bench_.ratios(b) == [pytest.approx(12 / 12)]
     bench_.runs = bench_.runs[:2]  # interrupted before the closing baseline: the one before
     assert bench_.ratios(a) == [pytest.approx(2.0)]
+
+
+
+def test_long_runs_report_their_step_and_time_left(tmp_path):
+    """The heartbeat names the run in progress, its step and its time left; silent between runs."""
+    log = io.StringIO()
+    bench_ = bench_run.Bench(bench_cli.parse_args([*TINY, "--steps", "4", "--repeats", "1", "--mods", "tome",
+                                                   "--out", str(tmp_path)]), log=log)
+    bench_.heartbeat_s = 0.005
+    torch.set_grad_enabled(False)
+    bench_.setup()
+    stop = threading.Event()
+    idle = threading.Thread(target=bench_._heartbeat, args=(stop,))
+    idle.start()
+    time.sleep(0.05)  # no run in progress: no line
+    stop.set()
+    idle.join()
+    assert log.getvalue().count("so far") == 0
+    bench_.models["ldm"].register_forward_pre_hook(lambda *_: time.sleep(0.03))  # slow steps, so beats land in runs
+    bench_.run()
+    beats = [line.strip() for line in log.getvalue().splitlines() if "so far" in line]
+    assert any(re.fullmatch(r"tome: step [234]/4, 0m00s so far, about 0m00s left in this run", b) for b in beats), beats
+    assert any(b.startswith("baseline: step 1/4, 0m00s so far") for b in beats), beats

@@ -333,6 +333,32 @@ def test_colour_map_hooks_equal_the_sampler_level_reference(make_unet):
     assert (got - plain).abs().max() > 1e-2  # the map did something
 
 
+def test_colour_map_too_strong_stops_with_a_message_instead_of_overflowing(make_unet):
+    """Colours this strong grow the latent by ~40x per push: the reference's sample ends in
+    inf/NaN; ours stops pushing at the first push past GROWTH_LIMIT, says so, and stays finite."""
+    unet = make_unet("sd15")
+    values = {**SPEC.defaults(), "enabled": True, "cm_colors": "400,-400,400", "cm_stop": 30, "cm_strength": 2.0}
+    g = torch.Generator().manual_seed(5)
+    cond, uncond, noise = torch.randn(1, 8, 64, generator=g), torch.randn(1, 8, 64, generator=g), torch.randn(1, 4, 16, 16, generator=g)
+    assert not torch.isfinite(reference_colour_map_sample(unet, noise, cond, uncond, 30, values, "sd1")).all()
+    clock = StepClock()
+    clock.start(30)
+    applied = apply_mods(unet, Settings({"cdtuner": values}), clock)
+    got = euler_sample(unet, noise, cond, uncond, 30, clock)
+    applied.restore()
+    assert torch.isfinite(got).all()
+    assert [m for m in applied.messages if "colour map stopped at step" in m]
+    assert (got - euler_sample(unet, noise, cond, uncond, 30, StepClock())).abs().max() > 1e-2  # it pushed before stopping
+
+
+def test_push_is_sane_bounds():
+    first = 2.0
+    assert cdtuner.push_is_sane(first, torch.full((2, 4), cdtuner.GROWTH_LIMIT * first))
+    assert not cdtuner.push_is_sane(first, torch.full((2, 4), cdtuner.GROWTH_LIMIT * first * 1.01))
+    assert not cdtuner.push_is_sane(first, torch.tensor([0.0, float("nan")]))
+    assert not cdtuner.push_is_sane(first, torch.tensor([0.0, float("inf")]))
+
+
 def test_colour_map_needs_the_batch_layout(make_unet):
     unet = make_unet("sd15")
     x = inputs(unet)

@@ -80,3 +80,15 @@ def test_deepcache_rule_with_hidiffusion_blocks_that_do_not_fit_the_model(make_u
         assert any(m.startswith("HiDiffusion") and "skipped" in m for m in applied.messages), applied.messages
     finally:
         applied.restore()
+
+
+@pytest.mark.parametrize("hires", [False, True])
+def test_rules_follow_each_techniques_own_pass_switches(hires, make_unet):
+    """HyperTile only in the hires pass: in the first pass it does not take MSW-MSA's layers; in
+    the hires pass it does (HiDiffusion runs there too, its hires box ticked)."""
+    settings = Settings.from_text("hypertile first_pass=false hires=true; hidiffusion hires=true", strict=True)
+    clock = StepClock()
+    clock.start(20, hires=hires)
+    resolved, notes = resolve_conflicts(settings, map_unet(make_unet("sd15")), PassInfo(clock, (1, 4, 128, 128)))
+    assert resolved["hidiffusion"]["msw_msa"] is not hires
+    assert bool(notes) is hires

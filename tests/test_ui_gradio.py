@@ -142,6 +142,20 @@ def test_reset_all_restores_every_default(built):
     assert presets and all(value_of(v) == "(custom)" for v in presets)
 
 
+def test_stack_button_sets_the_stack_and_turns_the_rest_off(built):
+    from lib_unetmods.stacks import STACKS, stack_settings
+    from lib_unetmods.unet_map import SD1
+
+    app, controls, _ = built
+    assert set(STACKS) == {"fast"}
+    out = run(app, by_elem_id(app, ELEM + "stack_fast"), "click", {})
+    got = Settings.from_args([value_of(out[c]) for c in controls])
+    assert got == Settings(stack_settings("fast", SD1))
+    assert set(got.enabled_ids()) == set(STACKS["fast"][SD1])
+    presets = [v for c, v in out.items() if c not in controls]
+    assert presets and all(value_of(v) == "(custom)" for v in presets)
+
+
 def test_preset_fills_controls(built):
     app, controls, _ = built
     named = dict(zip(arg_layout(), controls))

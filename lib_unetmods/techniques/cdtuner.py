@@ -30,6 +30,7 @@ from the model (A1111: `sd_model.parameterization == "v"` for SD2-768 and v-pred
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import torch
@@ -226,6 +227,17 @@ def colour_map_ratio(vector: Sequence[float], push_index: int, strength: float, 
     return min(ratio, 1.0)
 
 
+GROWTH_LIMIT = 100.0
+
+
+def push_is_sane(first_scale: float, pushed: torch.Tensor) -> bool:
+    """False for a pushed latent no sampler step recovers from: not finite, or grown past
+    GROWTH_LIMIT times the latent at the pass's first push. Strong colours over many steps grow the
+    latent by up to 6 * |vector| per push, and the reference then ends in a black or NaN image."""
+    scale = pushed.abs().amax().item()
+    return math.isfinite(scale) and scale <= GROWTH_LIMIT * first_scale
+
+
 def colour_map_push(x: torch.Tensor, cond_rows: int, boxes: Sequence[tuple[slice, slice]], vectors: Sequence[Sequence[float]],
                     ratios: Sequence[float]) -> torch.Tensor:
     """Push x = [cond rows; uncond rows] region by region on channels 1..3: both halves are
@@ -326,6 +338,7 @@ def _hook_unet_call(ctx: Any, values: dict[str, Any], shift: list[float] | None,
     included): a pre-hook pushes the colour map into x, a forward hook corrects the output."""
     clock, prediction = ctx.clock, ctx.prediction
     pending: dict[str, Any] = {}
+    colour_state: dict[str, Any] = {}  # this pass: the latent's scale at the first push, whether stopped
     warned: set[str] = set()
 
     def warn_once(message: str) -> None:
@@ -341,7 +354,7 @@ def _hook_unet_call(ctx: Any, values: dict[str, Any], shift: list[float] | None,
 
     def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         pending.clear()
-        if colour_map is None or clock.step >= values["cm_stop"]:
+        if colour_map is None or clock.step >= values["cm_stop"] or colour_state.get("stopped"):
             return None
         x, t = _call_inputs(args, kwargs)
         rows = batch_rows(kwargs, clock, x.shape[0])
@@ -357,8 +370,16 @@ def _hook_unet_call(ctx: Any, values: dict[str, Any], shift: list[float] | None,
         boxes = region_boxes(x.shape[-2], x.shape[-1], cells, values["cm_mode"])
         ratios = [colour_map_ratio(v, clock.step, values["cm_strength"], values["cm_stop"], clock.hires) for v in vectors]
         noisy = x[:, :4].double() / c_in  # the sampler's latent (an inpainting UNet's extra channels follow)
+        pushed = colour_map_push(noisy[order], len(rows[0]), boxes, vectors, ratios)
+        first_scale = colour_state.setdefault("first_scale", noisy.abs().amax().item())
+        if not push_is_sane(first_scale, pushed):
+            colour_state["stopped"] = True
+            warn_once(f"colour map stopped at step {clock.step + 1}: with these colours, strength and {values['cm_stop']} "
+                      f"steps the latent grew past {GROWTH_LIMIT:g}x (the reference would end in a black or NaN "
+                      "image); lower the colours, the colour map strength or its steps")
+            return None
         delta = torch.zeros_like(noisy)
-        delta[order] = colour_map_push(noisy[order], len(rows[0]), boxes, vectors, ratios) - noisy[order]
+        delta[order] = pushed - noisy[order]
         pending["correction"] = c_skip * delta / c_out
         x = x.clone()
         x[:, :4] += (delta * c_in).to(x.dtype)

@@ -1,6 +1,6 @@
 """The panel in a real browser: Debian's chromium, driven by Selenium through chromium-driver,
 against tests/ui_app.py (the real gradio of the venv it runs in, the WebUI stand-ins). Tick a
-technique, move sliders, pick a preset, paste an infotext, reset: the summary, the panel's label,
+technique, move sliders, pick a preset, paste an infotext, the speed stack, reset: the summary, the panel's label,
 the controls and the schedule preview must follow. Runs in .venv-gradio3 / .venv-gradio4 via
 dev/test-ui.sh; skipped where gradio, selenium or chromium is missing. UNETMODS_SCREENSHOT=path
 saves a picture of the panel with its preview there."""
@@ -247,6 +247,12 @@ def test_tick_move_preset_paste_reset(page):
     shot = os.environ.get("UNETMODS_SCREENSHOT")
     if shot:
         take_screenshot(d, shot)
+
+    # the speed stack: DeepCache (interval 3) + HiDiffusion, FreeU back off
+    element(d, ELEM + "stack_fast").click()
+    wait_for(d, lambda: "On: DeepCache, HiDiffusion" in summary_text(d) and "FreeU" not in summary_text(d),
+             "summary after the stack button")
+    wait_for(d, lambda: number_value(d, ELEM + "deepcache_interval") == 3, "interval 3 from the stack")
 
     # reset all
     element(d, ELEM + "reset").click()
