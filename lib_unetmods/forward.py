@@ -56,7 +56,9 @@ class UNetCall:
     clock: StepClock
     state: dict[str, Any] = field(default_factory=dict)  # scratch space shared by hooks
     shortcut: Shortcut | None = None
-    skips: list[torch.Tensor] = field(default_factory=list)  # input blocks' outputs, as the host stores them
+    # input blocks' outputs, as the host stores them; None once their output block took them (the
+    # host drops its reference then, and holding ours would keep every skip alive to the call's end)
+    skips: list[torch.Tensor | None] = field(default_factory=list)
     shapes: dict[tuple[str, int], torch.Size] = field(default_factory=dict)  # output shape of each block run
     next_skip_size: tuple[int, ...] | None = None  # skip size of the next output block's concat
     residuals: bool = False  # a skip reached its concat changed: the host adds residuals (ControlNet)
@@ -76,7 +78,7 @@ class UNetCall:
     def skip_size(self, output_index: int) -> tuple[int, ...] | None:
         """Spatial size of the skip output_blocks[output_index] concatenates (None past the last)."""
         j = len(self.skips) - 1 - output_index
-        return tuple(self.skips[j].shape[2:]) if 0 <= j < len(self.skips) else None
+        return tuple(self.shapes["input", j][2:]) if 0 <= j < len(self.skips) else None
 
 
 def batch_rows(kwargs: dict[str, Any], clock: StepClock, batch: int) -> tuple[list[int], list[int]] | None:
@@ -220,14 +222,19 @@ class ForwardHooks:
             if call.shortcut is not None and i < call.shortcut.first_output:
                 return self._placeholder(call, ("output", i))
             watch = i in self.watch_residuals
+            own = len(call.skips) - 1 - i
             if self.lists["before_concat"] or watch:
                 h, skip = x[:, :h_channels], x[:, h_channels:]
                 if watch and not call.residuals:
-                    own = call.skips[len(call.skips) - 1 - i] if i < len(call.skips) else None
-                    call.residuals = own is not None and (own.shape != skip.shape or not torch.equal(own, skip))
+                    mine = call.skips[own] if own >= 0 else None
+                    call.residuals = mine is not None and (mine.shape != skip.shape or not torch.equal(mine, skip))
+                h0, skip0 = h, skip
                 for fn in self.lists["before_concat"]:
                     h, skip = fn(i, h, skip, call)
-                x = torch.cat([h, skip], dim=1)
+                if h is not h0 or skip is not skip0:  # a new concat only where a hook changed a part (it costs x's size)
+                    x = torch.cat([h, skip], dim=1)
+            if own >= 0:
+                call.skips[own] = None
             call.next_skip_size = call.skip_size(i + 1)
             if call.x2_upsample:
                 args, kwargs = _without_output_shape(args, kwargs)
