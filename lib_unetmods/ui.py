@@ -241,21 +241,20 @@ def _wire_panel(gr: Any, controls: list[Any], presets: list[Any], sources: dict[
     inputs = controls + [sources[n] for n in names]
     _follow(gr, inputs, on_any, inputs, [preview_html])
 
-    defaults = Settings().to_args()
+    reset.click(fn=lambda: _panel_updates(gr, Settings(), presets), inputs=[], outputs=controls + presets,
+                show_progress=_quiet(gr))
 
-    def reset_all() -> list[Any]:
-        return [gr.update(value=v) for v in defaults] + [gr.update(value="(custom)") for _ in presets]
 
-    reset.click(fn=reset_all, inputs=[], outputs=controls + presets, show_progress=_quiet(gr))
+def _panel_updates(gr: Any, settings: Settings, presets: list[Any]) -> list[Any]:
+    """Updates that set every control to `settings` and every preset dropdown back to (custom)."""
+    return [gr.update(value=v) for v in settings.to_args()] + [gr.update(value="(custom)") for _ in presets]
 
 
 def _wire_stack(gr: Any, name: str, button: Any, controls: list[Any], presets: list[Any], model: ModelSource) -> None:
     """The stack's button: every control to the stack's settings for the loaded model's family
     (SD1's before a model is known), the techniques outside the stack back to their defaults."""
     def fill() -> list[Any]:
-        family = model()[0] or SD1
-        values = Settings(stack_settings(name, family)).to_args()
-        return [gr.update(value=v) for v in values] + [gr.update(value="(custom)") for _ in presets]
+        return _panel_updates(gr, Settings(stack_settings(name, model()[0] or SD1)), presets)
 
     button.click(fn=fill, inputs=[], outputs=controls + presets, show_progress=_quiet(gr))
 
