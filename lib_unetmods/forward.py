@@ -163,6 +163,28 @@ class ForwardHooks:
             h = fn(i, h, call)
         return h
 
+    def _before_concat(self, i: int, x: torch.Tensor, h_channels: int, call: UNetCall,
+                       mine: torch.Tensor | None) -> torch.Tensor:
+        """The before_concat hooks on the host's concatenated input x = [h, skip] (with `mine`, the
+        skip this input block saved, first see whether the host added residuals to it). A part a
+        hook replaced is written back into x where x owns its memory (the host's fresh concat), so
+        no second x lives through the block; the hooks' tensors are freed when this returns."""
+        h, skip = x[:, :h_channels], x[:, h_channels:]
+        if mine is not None and not call.residuals:
+            call.residuals = mine.shape != skip.shape or not torch.equal(mine, skip)
+        h0, skip0 = h, skip
+        for fn in self.lists["before_concat"]:
+            h, skip = fn(i, h, skip, call)
+        if h is h0 and skip is skip0:
+            return x
+        owned = x._base is None and x.is_contiguous() and not x.requires_grad
+        if not owned or (h.shape, skip.shape) != (h0.shape, skip0.shape):
+            return torch.cat([h, skip], dim=1)
+        for new, part in ((h, h0), (skip, skip0)):
+            if new is not part:
+                part.copy_(new)
+        return x
+
     def _to_skip(self, i: int, h: torch.Tensor, call: UNetCall) -> torch.Tensor:
         size = call.skip_size(i)
         if size is not None:
@@ -224,15 +246,7 @@ class ForwardHooks:
             watch = i in self.watch_residuals
             own = len(call.skips) - 1 - i
             if self.lists["before_concat"] or watch:
-                h, skip = x[:, :h_channels], x[:, h_channels:]
-                if watch and not call.residuals:
-                    mine = call.skips[own] if own >= 0 else None
-                    call.residuals = mine is not None and (mine.shape != skip.shape or not torch.equal(mine, skip))
-                h0, skip0 = h, skip
-                for fn in self.lists["before_concat"]:
-                    h, skip = fn(i, h, skip, call)
-                if h is not h0 or skip is not skip0:  # a new concat only where a hook changed a part (it costs x's size)
-                    x = torch.cat([h, skip], dim=1)
+                x = self._before_concat(i, x, h_channels, call, call.skips[own] if watch and own >= 0 else None)
             if own >= 0:
                 call.skips[own] = None
             call.next_skip_size = call.skip_size(i + 1)

@@ -195,6 +195,12 @@ class TechniqueSpec:
         return values
 
 
+def first_pass_or_hires_box(values: Mapping[str, Any], hires: bool) -> bool:
+    """`runs_in_pass` of a technique with an "Apply in hires pass" box: the first pass always,
+    the hires-fix pass when the box is ticked."""
+    return not hires or values["hires"]
+
+
 def auto_values_param(title: str) -> Param:
     """The switch that replaces a technique's tuned values by the ones recommended for the loaded
     model's family, chosen when generating."""

@@ -6,11 +6,15 @@ default); `stack_settings` turns one into the {technique: {param: value}} dict t
 (tests/test_stacks.py), so what runs is exactly what is listed here.
 
 "fast" is the quickest combination found for high resolution (README, "Speed stack"): DeepCache
-runs one full UNet step in three, and HiDiffusion makes the full steps cheaper (MSW-MSA windows
+skips the deep blocks on most steps, and HiDiffusion makes the full steps cheaper (MSW-MSA windows
 the full-resolution self-attention at every step; RAU-Net shrinks the deep features in the early
 steps above the native size, which also keeps large images free of duplicated subjects).
 DeepCache's level 0 stays above RAU-Net's first resized block, so no rule touches either.
 HyperTile or ToMe would clash with MSW-MSA on the same self-attention layers.
+DeepCache's schedule per family follows its reference demos: SD1.5's runs one full step in five
+on the non-uniform curve (full steps denser where the image takes shape); here one in four, which
+gives 5 full steps of 20. SDXL's demo runs one in three, uniform. SD2 keeps one in three, uniform:
+SD2.1 was reported to distort with DeepCache at longer intervals (horseee/DeepCache#27).
 """
 from __future__ import annotations
 
@@ -19,13 +23,12 @@ from typing import Any
 
 from .unet_map import SD1, SD2, SDXL
 
-_FAST = {
-    "deepcache": {"interval": 3, "level": 0},
-    "hidiffusion": {"rau_net": True, "msw_msa": True, "auto": True},
-}
+_HIDIFFUSION = {"rau_net": True, "msw_msa": True, "auto": True}
+_FAST_SD1 = {"deepcache": {"interval": 4, "level": 0, "schedule": "nonuniform"}, "hidiffusion": _HIDIFFUSION}
+_FAST = {"deepcache": {"interval": 3, "level": 0, "schedule": "uniform"}, "hidiffusion": _HIDIFFUSION}
 
 STACKS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
-    "fast": {SD1: _FAST, SD2: _FAST, SDXL: _FAST},
+    "fast": {SD1: _FAST_SD1, SD2: _FAST, SDXL: _FAST},
 }
 
 

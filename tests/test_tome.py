@@ -1,6 +1,7 @@
 """Token Merging: the math against tomesd 0.1.3 and the properties of design section 1(b), and the
 UNet-level wiring (parity with tomesd on the same weights, windows, randomness, restore)."""
 import functools
+import weakref
 
 import pytest
 import torch
@@ -139,41 +140,50 @@ def test_same_merge_as_tomesd(h, w, seed):
     torch.testing.assert_close(ours.unmerge(f(ours.merge(x))), ref_u(f(ref_m(x))), rtol=1e-5, atol=1e-6)
 
 
+class ScoreBuffers(torch.overrides.TorchFunctionMode):
+    """Records each chunk product (a matmul with out=) and a weakref to the buffer under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.chunks, self.buffers = [], []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.matmul and kwargs.get("out") is not None:
+            out = kwargs["out"]
+            self.chunks.append(tuple(out.shape))
+            self.buffers.append(weakref.ref(out._base if out._base is not None else out))
+        return func(*args, **kwargs)
+
+    def alive(self):
+        return [ref() for ref in self.buffers if ref() is not None]
+
+
 @pytest.mark.parametrize("rows", [1, 7, 32, 1000])
 def test_similarities_in_chunks_equal_the_whole(monkeypatch, rows):
     """Chunks of `rows` source rows (the last one partial, or a single chunk) give the same best
-    destinations and similarities as the whole (B, Na, Nb) product; one buffer of that size."""
+    destinations and similarities as the whole (B, Na, Nb) product, in one buffer freed on return."""
     x = torch.randn(2, 9 * 10, 24)
     dst, src = dst_partition(9, 10, 2, 2, torch.device("cpu"))
     monkeypatch.setattr(tome, "SCORE_CHUNK_BYTES", 2 * rows * len(dst) * 4)
-    state = tome.MergeState(0.5, 1, 2, 2, False, 0)
     whole = tome.best_destinations(x, src, dst)
-    chunked = tome.best_destinations(x, src, dst, state.scratch)
+    with ScoreBuffers() as seen:
+        chunked = tome.best_destinations(x, src, dst, chunked=True)
     assert torch.equal(chunked[1], whole[1]) and whole[0].shape == (2, len(src))
     torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-7)
-    assert [b.numel() for b in state.buffers.values()] == [2 * min(rows, len(src)) * len(dst)]
+    assert len(seen.chunks) == -(-len(src) // rows) and seen.chunks[0] == (2, min(rows, len(src)), len(dst))
+    assert not seen.alive()
 
 
 def test_similarities_keep_the_autocast_dtype():
     """Under autocast the product is computed in its dtype, as tomesd's a @ b.T is (out= would not)."""
     x = torch.randn(2, 8 * 8, 16)
     dst, src = dst_partition(8, 8, 2, 2, torch.device("cpu"))
-    state = tome.MergeState(0.5, 1, 2, 2, False, 0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         whole = tome.best_destinations(x, src, dst)
-        chunked = tome.best_destinations(x, src, dst, state.scratch)
+        chunked = tome.best_destinations(x, src, dst, chunked=True)
     assert whole[0].dtype == chunked[0].dtype == torch.bfloat16
     assert torch.equal(chunked[1], whole[1]) and torch.equal(chunked[0], whole[0])
-
-
-def test_scratch_buffer_is_kept_and_grown():
-    state = tome.MergeState(0.5, 1, 2, 2, False, 0)
-    like = torch.zeros(1, dtype=torch.float64)
-    first = state.scratch(100, like)
-    assert first.dtype == torch.float64 and first.numel() == 100
-    assert state.scratch(50, like).data_ptr() == first.data_ptr()
-    assert state.scratch(200, like).numel() == 200 and len(state.buffers) == 1
-    assert state.scratch(10, torch.zeros(1)).dtype == torch.float32 and len(state.buffers) == 2
 
 
 def test_identical_tokens_leave_self_attention_unchanged():
@@ -199,16 +209,25 @@ def test_parity_with_tomesd(size, ratio):
 
 
 def test_parity_with_tomesd_with_the_similarities_in_chunks(monkeypatch):
-    """A chunk budget of a few source rows: several chunks per block, one buffer for every block."""
+    """A chunk budget of a few source rows: several chunks per block. No block's similarity buffer
+    outlives its matching: by the time any self-attention runs, every one is freed, so ToMe adds
+    nothing to the UNet's peak memory."""
     unet = unet_of("sd15")
     inputs = example_inputs(unet, batch=2, height=13, width=19)
     monkeypatch.setattr(tome, "SCORE_CHUNK_BYTES", 2 * 10 * (6 * 9) * 4)  # 10 source rows of 2 x 54 scores
-    seen = []
-    scratch = tome.MergeState.scratch
-    monkeypatch.setattr(tome.MergeState, "scratch", lambda self, n, like: seen.append(scratch(self, n, like)) or seen[-1])
-    ours, _ = with_ours(unet, inputs, "tome ratio=0.5")
+    attns = [m for n, m in unet.named_modules() if n.endswith("attn1")]
+    alive_at_attention = []
+    with ScoreBuffers() as seen:
+        handles = [m.register_forward_pre_hook(lambda *_: alive_at_attention.append(len(seen.alive()))) for m in attns]
+        try:
+            ours, _ = with_ours(unet, inputs, "tome ratio=0.5")
+        finally:
+            for handle in handles:
+                handle.remove()
     assert rel(ours, with_tomesd(unet, inputs, ratio=0.5, use_rand=False)) < REL
-    assert len(seen) == 5 and len({b.data_ptr() for b in seen}) == 1 and seen[0].numel() == 2 * 10 * 54
+    # 13 x 19 tokens: 54 destinations, 193 sources = 19 chunks of 10 and one of 3, in each of 5 blocks
+    assert seen.chunks.count((2, 10, 54)) == 19 * 5 and seen.chunks.count((2, 3, 54)) == 5 and len(seen.chunks) == 100
+    assert alive_at_attention and not any(alive_at_attention)
 
 
 def test_parity_with_tomesd_sdxl_every_site_and_random_cells():

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..forward import Shortcut, UNetCall
-from ..params import Param, TechniqueSpec
+from ..params import Param, TechniqueSpec, first_pass_or_hires_box
 
 FEW_STEPS = 15  # below this DeepCache saves little and costs visible quality
 
@@ -109,8 +109,7 @@ def is_cheap(values: dict[str, Any], clock: Any, full: frozenset[int]) -> bool:
     return clock.in_window(values["start"], values["end"]) and clock.step not in full
 
 
-def runs_in_pass(values: dict[str, Any], hires: bool) -> bool:
-    return not hires or values["hires"]
+runs_in_pass = first_pass_or_hires_box
 
 
 def shallow_range(level: int, num_inputs: int, num_outputs: int) -> tuple[int, int]:
@@ -195,7 +194,8 @@ class DeepCacheState:
         if i == self.first_output:
             key = call.state.get("deepcache_key")
             if key is not None:
-                self.entries[key] = (h, dict(call.shapes))
+                # a copy: later hooks may write into the host's concat, which a view would also keep whole
+                self.entries[key] = (h.clone(), dict(call.shapes))
         return h, skip
 
     def end(self, out: torch.Tensor, call: UNetCall) -> torch.Tensor:

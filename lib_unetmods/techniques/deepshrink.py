@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..forward import Refused
-from ..params import Param, TechniqueSpec, auto_values_param
+from ..params import Param, TechniqueSpec, auto_values_param, first_pass_or_hires_box
 
 METHODS = ("bicubic", "bilinear", "nearest-exact", "nearest", "area", "bislerp")
 
@@ -163,8 +163,7 @@ def step_factor(values: dict[str, Any], window: Window, clock: Any) -> float:
     return smooth_factor(values["factor"], clock.progress, window.start, window.end) if values["smooth"] else values["factor"]
 
 
-def runs_in_pass(values: dict[str, Any], hires: bool) -> bool:
-    return not hires or values["hires"]
+runs_in_pass = first_pass_or_hires_box
 
 
 # --- wiring ------------------------------------------------------------------------------

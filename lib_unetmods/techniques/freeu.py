@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..params import Param, TechniqueSpec, auto_values_param
+from ..params import Param, TechniqueSpec, auto_values_param, first_pass_or_hires_box
 
 STAGES = (1, 2, 3)  # stage n acts where h has model_channels * 2**(3-n) channels
 
@@ -120,11 +120,12 @@ def fourier_filter(x: torch.Tensor, cutoff: float, scale: float, scale_high: flo
         return fourier_filter(x.cpu(), cutoff, scale, scale_high).to(device)
     try:
         H, W = x.shape[-2:]
-        spectrum = torch.fft.fftshift(torch.fft.fftn(x.float(), dim=(-2, -1)), dim=(-2, -1))
         mask = torch.full((H, W), float(scale_high), device=device)
         tr, tc = max(1, int((H // 2) * cutoff)), max(1, int((W // 2) * cutoff))
         mask[H // 2 - tr:H // 2 + tr, W // 2 - tc:W // 2 + tc] = scale
-        spectrum = torch.fft.ifftshift(spectrum * mask, dim=(-2, -1))
+        # ifftshift(fftshift(X) * mask) == X * ifftshift(mask), bit for bit (a permutation commutes
+        # with a per-element product); in place, it needs one complex copy of x instead of three
+        spectrum = torch.fft.fftn(x.float(), dim=(-2, -1)).mul_(torch.fft.ifftshift(mask))
         return torch.fft.ifftn(spectrum, dim=(-2, -1)).real.to(x.dtype)
     except RuntimeError:
         if device.type == "cpu":
@@ -156,8 +157,7 @@ def step_ratio(values: dict[str, Any], window: tuple[float, float], clock: Any) 
     return schedule_ratio(clock.step, clock.step_of(window[0]), clock.step_of(window[1]), values["smoothness"])
 
 
-def runs_in_pass(values: dict[str, Any], hires: bool) -> bool:
-    return not hires or values["hires"]
+runs_in_pass = first_pass_or_hires_box
 
 
 def freeu_join(h: torch.Tensor, skip: torch.Tensor, values: dict[str, Any], stage: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:

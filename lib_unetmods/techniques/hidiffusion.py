@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..forward import Refused, UNetCall
-from ..params import Param, TechniqueSpec
+from ..params import Param, TechniqueSpec, first_pass_or_hires_box
 from ..unet_map import SD1, SD2, SDXL, AttentionLayer, UNetMap
 
 AGGRESSIVE_STEP = 8  # of 50: the reference's aggressive_step
@@ -144,8 +144,7 @@ def msw_active(values: dict[str, Any], clock: Any) -> bool:
     return clock.in_window(values["msw_start"], values["msw_end"])
 
 
-def runs_in_pass(values: dict[str, Any], hires: bool) -> bool:
-    return not hires or values["hires"]
+runs_in_pass = first_pass_or_hires_box
 
 
 # --- RAU-Net operators -----------------------------------------------------------------------

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..forward import Refused
-from ..params import Param, TechniqueSpec
+from ..params import Param, TechniqueSpec, first_pass_or_hires_box
 from .scalecrafter_disperse import dispersion_matrix
 
 NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sdxl_refiner": 1024}
@@ -243,8 +243,7 @@ def ndcfg_active(plan: Plan, step: int, total: int) -> bool:
     return plan.ndcfg is not None and step < int(plan.ndcfg_stop * total)
 
 
-def runs_in_pass(values: Mapping[str, Any], hires: bool) -> bool:
-    return not hires or values["hires"]
+runs_in_pass = first_pass_or_hires_box
 
 
 def progressive_dilation(d: float, tau: int, step: int) -> float:

@@ -133,26 +133,26 @@ class TokenMerge:
         return y.reshape(-1, c).index_select(0, self.slot).view(self.batch, self.tokens, c)
 
 
-SCORE_CHUNK_BYTES = 64 << 20  # similarities computed at once: bounds the reused buffer
-Scratch = Callable[[int, torch.Tensor], torch.Tensor]  # (numel, like) -> a flat buffer of like's dtype and device
+SCORE_CHUNK_BYTES = 64 << 20  # similarities computed at once: bounds the buffer of one block call
 
 
 def best_destinations(metric: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
-                      scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """For each source token (B, Na) the cosine similarity to its most similar destination and
-    that destination's index. With `scratch` the (B, Na, Nb) scores are computed whole source rows
-    at a time (at most SCORE_CHUNK_BYTES) into a buffer it gives, instead of a fresh tensor."""
+    that destination's index. `chunked` computes the (B, Na, Nb) scores whole source rows at a
+    time into one buffer of at most SCORE_CHUNK_BYTES, freed on return: at 1024x1024 the whole
+    product is 400 MB, and a fresh tensor that size per block costs page faults on CPU."""
     norm = metric.norm(dim=-1, keepdim=True)  # the same division as tomesd's, on the selected rows only
     a = metric.index_select(1, src).div_(norm.index_select(1, src))
     bt = metric.index_select(1, dst).div_(norm.index_select(1, dst)).transpose(-1, -2)
-    if scratch is None:
+    if not chunked:
         return (a @ bt).max(dim=-1)
     # out= bypasses autocast: cast as it would (the dtype of a 1 x 1 product) to keep tomesd's dtype
     dtype = (a[:, :1] @ bt[..., :1]).dtype
     a, bt = a.to(dtype), bt.to(dtype)
     batch, sources, destinations = a.shape[0], a.shape[1], bt.shape[-1]
     rows = min(sources, max(1, SCORE_CHUNK_BYTES // (batch * destinations * a.element_size())))
-    buffer = scratch(batch * rows * destinations, a)
+    buffer = a.new_empty(batch * rows * destinations)
     best, best_dst = [], []
     for i in range(0, sources, rows):
         chunk = a[:, i:i + rows]
@@ -166,10 +166,10 @@ def best_destinations(metric: torch.Tensor, src: torch.Tensor, dst: torch.Tensor
 def bipartite_soft_matching(metric: torch.Tensor, h: int, w: int, sx: int, sy: int, r: int,
                             generator: torch.Generator | None = None,
                             partition: tuple[torch.Tensor, torch.Tensor] | None = None,
-                            scratch: Scratch | None = None) -> TokenMerge | None:
+                            chunked: bool = False) -> TokenMerge | None:
     """Match the r source tokens most similar (cosine) to their best destination, per sample;
     None when nothing is merged. `partition` is a precomputed dst_partition (no generator);
-    `scratch` gives a reused buffer for the similarities (see best_destinations)."""
+    `chunked`: see best_destinations."""
     batch, tokens, _ = metric.shape
     if r <= 0 or h * w != tokens:
         return None
@@ -178,7 +178,7 @@ def bipartite_soft_matching(metric: torch.Tensor, h: int, w: int, sx: int, sy: i
         r = min(r, src.numel())
         if r <= 0 or dst.numel() == 0:
             return None
-        best, best_dst = best_destinations(metric, src, dst, scratch)  # (B, Na)
+        best, best_dst = best_destinations(metric, src, dst, chunked)  # (B, Na)
         order = best.argsort(dim=-1, descending=True)  # merged sources first
         kept = src.numel() - r
         # in rank order: the r merged sources go to their destination's row, the rest keep a row each
@@ -211,16 +211,6 @@ class MergeState:
     active: bool = False  # inside the step window
     generators: dict[str, torch.Generator] = field(default_factory=dict)
     partitions: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    buffers: dict[tuple[str, torch.dtype], torch.Tensor] = field(default_factory=dict)
-
-    def scratch(self, numel: int, like: torch.Tensor) -> torch.Tensor:
-        """A flat buffer of like's dtype and device, kept for the pass (grown when too small): the
-        blocks' similarities reuse it instead of allocating 100+ MB each (page faults on CPU)."""
-        key = (str(like.device), like.dtype)
-        if key not in self.buffers or self.buffers[key].numel() < numel:
-            self.buffers.pop(key, None)  # free the old one first
-            self.buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
-        return self.buffers[key]
 
     def generator(self, device: torch.device) -> torch.Generator:
         """A private generator per device, seeded from the image seed (never the global RNG);
@@ -246,12 +236,12 @@ class MergeState:
         r = int(tokens * self.ratio)
         if self.use_rand and batch % 2 == 0:  # odd batch: cond and uncond are apart, no randomness
             return bipartite_soft_matching(x, h, w, self.sx, self.sy, r, generator=self.generator(x.device),
-                                           scratch=self.scratch)
+                                           chunked=True)
         key = (h, w, str(x.device))
         if key not in self.partitions:
             self.partitions[key] = dst_partition(h, w, self.sx, self.sy, x.device)
         return bipartite_soft_matching(x, h, w, self.sx, self.sy, r, partition=self.partitions[key],
-                                       scratch=self.scratch)
+                                       chunked=True)
 
 
 def _own_forward(module: nn.Module) -> Callable[..., Any]:
