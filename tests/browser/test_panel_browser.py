@@ -37,7 +37,9 @@ if not (os.path.exists(CHROMIUM) and os.path.exists(DRIVER)):
 
 import ui_app  # noqa: E402
 
+from lib_unetmods.stacks import stack_settings  # noqa: E402
 from lib_unetmods.techniques import SPECS  # noqa: E402
+from lib_unetmods.unet_map import SD1  # noqa: E402
 
 ELEM = "script_txt2img_unet_mods_"
 TIMEOUT = 30
@@ -248,11 +250,12 @@ def test_tick_move_preset_paste_reset(page):
     if shot:
         take_screenshot(d, shot)
 
-    # the speed stack: DeepCache (interval 3) + HiDiffusion, FreeU back off
+    # the speed stack (the app's model is SD1): DeepCache + HiDiffusion, FreeU back off
+    interval = stack_settings("fast", SD1)["deepcache"]["interval"]
     element(d, ELEM + "stack_fast").click()
     wait_for(d, lambda: "On: DeepCache, HiDiffusion" in summary_text(d) and "FreeU" not in summary_text(d),
              "summary after the stack button")
-    wait_for(d, lambda: number_value(d, ELEM + "deepcache_interval") == 3, "interval 3 from the stack")
+    wait_for(d, lambda: number_value(d, ELEM + "deepcache_interval") == interval, f"interval {interval} from the stack")
 
     # reset all
     element(d, ELEM + "reset").click()
