@@ -124,7 +124,7 @@ def fourier_filter(x: torch.Tensor, cutoff: float, scale: float, scale_high: flo
         tr, tc = max(1, int((H // 2) * cutoff)), max(1, int((W // 2) * cutoff))
         mask[H // 2 - tr:H // 2 + tr, W // 2 - tc:W // 2 + tc] = scale
         # ifftshift(fftshift(X) * mask) == X * ifftshift(mask), bit for bit (a permutation commutes
-        # with a per-element product); in place, it needs one complex copy of x instead of three
+        # with a per-element product); in place, at most two complex copies of x live at once, not three
         spectrum = torch.fft.fftn(x.float(), dim=(-2, -1)).mul_(torch.fft.ifftshift(mask))
         return torch.fft.ifftn(spectrum, dim=(-2, -1)).real.to(x.dtype)
     except RuntimeError:
