@@ -136,17 +136,14 @@ class TokenMerge:
 SCORE_CHUNK_BYTES = 64 << 20  # similarities computed at once: bounds the buffer of one block call
 
 
-def best_destinations(metric: torch.Tensor, src: torch.Tensor, dst: torch.Tensor,
-                      chunked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def best_destinations(metric: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each source token (B, Na) the cosine similarity to its most similar destination and
-    that destination's index. `chunked` computes the (B, Na, Nb) scores whole source rows at a
-    time into one buffer of at most SCORE_CHUNK_BYTES, freed on return: at 1024x1024 the whole
-    product is 400 MB, and a fresh tensor that size per block costs page faults on CPU."""
+    that destination's index. The (B, Na, Nb) scores are computed whole source rows at a time into
+    one buffer of at most SCORE_CHUNK_BYTES, freed on return: at 1024x1024 the whole product is
+    400 MB, and a fresh tensor that size per block costs page faults on CPU."""
     norm = metric.norm(dim=-1, keepdim=True)  # the same division as tomesd's, on the selected rows only
     a = metric.index_select(1, src).div_(norm.index_select(1, src))
     bt = metric.index_select(1, dst).div_(norm.index_select(1, dst)).transpose(-1, -2)
-    if not chunked:
-        return (a @ bt).max(dim=-1)
     # out= bypasses autocast: cast as it would (the dtype of a 1 x 1 product) to keep tomesd's dtype
     dtype = (a[:, :1] @ bt[..., :1]).dtype
     a, bt = a.to(dtype), bt.to(dtype)
@@ -165,11 +162,9 @@ def best_destinations(metric: torch.Tensor, src: torch.Tensor, dst: torch.Tensor
 
 def bipartite_soft_matching(metric: torch.Tensor, h: int, w: int, sx: int, sy: int, r: int,
                             generator: torch.Generator | None = None,
-                            partition: tuple[torch.Tensor, torch.Tensor] | None = None,
-                            chunked: bool = False) -> TokenMerge | None:
+                            partition: tuple[torch.Tensor, torch.Tensor] | None = None) -> TokenMerge | None:
     """Match the r source tokens most similar (cosine) to their best destination, per sample;
-    None when nothing is merged. `partition` is a precomputed dst_partition (no generator);
-    `chunked`: see best_destinations."""
+    None when nothing is merged. `partition` is a precomputed dst_partition (no generator)."""
     batch, tokens, _ = metric.shape
     if r <= 0 or h * w != tokens:
         return None
@@ -178,7 +173,7 @@ def bipartite_soft_matching(metric: torch.Tensor, h: int, w: int, sx: int, sy: i
         r = min(r, src.numel())
         if r <= 0 or dst.numel() == 0:
             return None
-        best, best_dst = best_destinations(metric, src, dst, chunked)  # (B, Na)
+        best, best_dst = best_destinations(metric, src, dst)  # (B, Na)
         order = best.argsort(dim=-1, descending=True)  # merged sources first
         kept = src.numel() - r
         # in rank order: the r merged sources go to their destination's row, the rest keep a row each
@@ -235,13 +230,11 @@ class MergeState:
         _, h, w = grid
         r = int(tokens * self.ratio)
         if self.use_rand and batch % 2 == 0:  # odd batch: cond and uncond are apart, no randomness
-            return bipartite_soft_matching(x, h, w, self.sx, self.sy, r, generator=self.generator(x.device),
-                                           chunked=True)
+            return bipartite_soft_matching(x, h, w, self.sx, self.sy, r, generator=self.generator(x.device))
         key = (h, w, str(x.device))
         if key not in self.partitions:
             self.partitions[key] = dst_partition(h, w, self.sx, self.sy, x.device)
-        return bipartite_soft_matching(x, h, w, self.sx, self.sy, r, partition=self.partitions[key],
-                                       chunked=True)
+        return bipartite_soft_matching(x, h, w, self.sx, self.sy, r, partition=self.partitions[key])
 
 
 def _own_forward(module: nn.Module) -> Callable[..., Any]:
