@@ -14,6 +14,7 @@ from .apply import Applied, apply_mods
 from .clock import StepClock
 from .params import INFOTEXT_PREFIX, MESSAGES_KEY
 from .patcher import restore_all
+from .schedules import pass_steps
 from .settings import Settings
 from .techniques import SPECS
 from .xyz import overrides
@@ -112,17 +113,6 @@ def host_vae(p: Any) -> nn.Module | None:
     if forge is not None:
         return getattr(forge.vae, "first_stage_model", None)
     return getattr(model, "first_stage_model", None)
-
-
-def pass_steps(p: Any, hires: bool, fix_steps: bool = False) -> int:
-    """The steps the sampler will run in this pass (the cfg callback corrects it if it differs).
-    img2img runs t_enc + 1 steps, t_enc = int(strength * steps), unless the steps are fixed."""
-    if hires:
-        return int(getattr(p, "hr_second_pass_steps", 0) or p.steps)
-    strength = getattr(p, "denoising_strength", None)
-    if getattr(p, "init_images", None) and strength is not None and not fix_steps:
-        return int(min(strength, 0.999) * p.steps) + 1
-    return int(p.steps)
 
 
 def webui_token_merging(p: Any, hires: bool) -> float:

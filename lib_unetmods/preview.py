@@ -12,7 +12,7 @@ from typing import Any
 
 from .clock import StepClock
 from .composition import resolve_conflicts
-from .host import pass_steps
+from .schedules import pass_steps
 from .settings import Settings
 from .techniques import SPECS, cdtuner, deepcache, deepshrink, freeu, hidiffusion, hypertile, scalecrafter, tome
 from .unet_map import SD1, UNetMap

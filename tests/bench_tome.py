@@ -25,9 +25,9 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lib_unetmods import Settings, StepClock, apply_mods  # noqa: E402
-from lib_unetmods import random_unets  # noqa: E402
-from lib_unetmods.bench_compare import unet_call, with_tomesd  # noqa: E402  (the one copy, shipped)
-from lib_unetmods.random_unets import build_unet, example_inputs, sdpa_attention, webui_cat_fix  # noqa: E402
+from lib_unetmods.lab import random_unets  # noqa: E402
+from lib_unetmods.lab.bench_compare import unet_call, with_tomesd  # noqa: E402  (the one copy, shipped)
+from lib_unetmods.lab.random_unets import build_unet, example_inputs, sdpa_attention, webui_cat_fix  # noqa: E402
 
 
 def ours(unet: nn.Module, inputs: dict, text: str) -> torch.Tensor:

@@ -17,7 +17,7 @@ def one_thread():
     torch.set_num_threads(1)
     yield
 
-from lib_unetmods.random_unets import build_unet, example_inputs  # noqa: E402
+from lib_unetmods.lab.random_unets import build_unet, example_inputs  # noqa: E402
 
 
 @pytest.fixture(params=["sd15", "sd21", "sdxl"])

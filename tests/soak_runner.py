@@ -48,7 +48,7 @@ from sd_model import FakeSDModel  # noqa: E402
 from lib_unetmods.host import LOG_PREFIX, STATE_ATTR  # noqa: E402
 from lib_unetmods.params import Param  # noqa: E402
 from lib_unetmods.patcher import ACTIVE, restore_all  # noqa: E402
-from lib_unetmods.random_unets import ARCHS, build_unet, randomize, sdpa_attention  # noqa: E402
+from lib_unetmods.lab.random_unets import ARCHS, build_unet, randomize, sdpa_attention  # noqa: E402
 from lib_unetmods.settings import Settings  # noqa: E402
 from lib_unetmods.techniques import SPECS  # noqa: E402
 from lib_unetmods.xyz import axis_specs, overrides  # noqa: E402

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lib_unetmods import bench, bench_cli, bench_run
-from lib_unetmods.bench_checkpoint import UNET_PREFIX, inspect_checkpoint, load_unet_weights
-from lib_unetmods.bench_cli import BenchError
-from lib_unetmods.random_unets import build_unet
+from lib_unetmods.lab import bench, bench_cli, bench_run
+from lib_unetmods.lab.bench_checkpoint import UNET_PREFIX, inspect_checkpoint, load_unet_weights
+from lib_unetmods.lab.bench_cli import BenchError
+from lib_unetmods.lab.random_unets import build_unet
 
 # keys a real checkpoint has beside the UNet (names as in SD1.x / SD2.x / SDXL files)
 OTHERS = {

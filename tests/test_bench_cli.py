@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from lib_unetmods import bench, bench_cli, bench_run
-from lib_unetmods.random_unets import ARCHS
+from lib_unetmods.lab import bench, bench_cli, bench_run
+from lib_unetmods.lab.random_unets import ARCHS
 from lib_unetmods.settings import Settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +31,7 @@ def test_help_is_fast_shows_defaults_and_imports_no_torch():
         assert option.flags[0] in result.stdout
     for default in ("default: 384x384", "default: 3", "default: cpu", "default: bench-out", "default: 1)"):
         assert default in result.stdout, default
-    probe = subprocess.run([sys.executable, "-c", "import sys\nfrom lib_unetmods import bench\n"
+    probe = subprocess.run([sys.executable, "-c", "import sys\nfrom lib_unetmods.lab import bench\n"
                             "try:\n    bench.parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
                             "print('torch' in sys.modules)"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert probe.stdout.strip().endswith("False"), probe.stdout + probe.stderr

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from lib_unetmods import bench, bench_cli, bench_run
+from lib_unetmods.lab import bench, bench_cli, bench_run
 
 TINY = ["--unet-size", "tiny", "--size", "64x64"]
 

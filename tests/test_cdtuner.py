@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from lib_unetmods import Settings, StepClock, apply_mods
 from lib_unetmods.params import ParamError
 from lib_unetmods.patcher import Patcher
-from lib_unetmods.random_unets import ADM_CHANNELS, build_unet, context_dim, randomize
-from lib_unetmods.sampler import euler_sample, sd_sigmas, sigma_to_t
+from lib_unetmods.lab.random_unets import ADM_CHANNELS, build_unet, context_dim, randomize
+from lib_unetmods.lab.sampler import euler_sample, sd_sigmas, sigma_to_t
 from lib_unetmods.techniques import cdtuner
 from lib_unetmods.techniques.cdtuner import (K_SHIFT, colour_map_push, colour_map_ratio, colour_vector, denoiser_scalings,
                                              detail_scales, in_window, latent_shift, parse_cells, pass_detail,

@@ -7,7 +7,7 @@ import torch
 
 from lib_unetmods import Settings, StepClock, apply_mods
 from lib_unetmods.composition import PassInfo, resolve_conflicts
-from lib_unetmods.random_unets import webui_cat_fix
+from lib_unetmods.lab.random_unets import webui_cat_fix
 from lib_unetmods.techniques import SPECS
 from lib_unetmods.unet_map import map_unet
 from model_state import assert_restored, snapshot

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lib_unetmods import Settings, StepClock, apply_mods
-from lib_unetmods.sampler import euler_sample
+from lib_unetmods.lab.sampler import euler_sample
 from lib_unetmods.techniques.deepcache import full_steps, quad_center_steps
 from lib_unetmods.unet_map import map_unet
 from model_state import assert_restored, snapshot
@@ -30,7 +30,7 @@ def call(unet, inputs, clock, step, layout=(None, None)):
 
 
 def inputs_at(unet, t, seed, batch=2, size=8):
-    from lib_unetmods.random_unets import example_inputs
+    from lib_unetmods.lab.random_unets import example_inputs
 
     inputs = example_inputs(unet, batch=batch, height=size, width=size, seed=seed, tokens=8)
     inputs["timesteps"] = torch.full((batch,), float(t))
@@ -206,7 +206,7 @@ def test_parity_with_deepcache_helper(make_unet):
     pytest.importorskip("diffusers")
     from DeepCache import DeepCacheSDHelper
     from diffusers import DDIMScheduler
-    from lib_unetmods.bench_compare import diffusers_unet
+    from lib_unetmods.lab.bench_compare import diffusers_unet
 
     unet = make_unet("sd15")
     reference = diffusers_unet(unet, "sd15", "tiny")

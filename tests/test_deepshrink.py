@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 import ldm.modules.diffusionmodules.openaimodel as openaimodel
 from lib_unetmods import Settings, StepClock, apply_mods
-from lib_unetmods.random_unets import sdpa_attention
-from lib_unetmods.sampler import sd_sigmas, sigma_to_t
+from lib_unetmods.lab.random_unets import sdpa_attention
+from lib_unetmods.lab.sampler import sd_sigmas, sigma_to_t
 from lib_unetmods.techniques import deepshrink as ds
 from model_state import assert_restored, snapshot
 

@@ -9,7 +9,7 @@ import torch
 
 from lib_unetmods import Settings, StepClock, apply_mods
 from lib_unetmods.composition import resolve_conflicts
-from lib_unetmods.random_unets import sdpa_attention
+from lib_unetmods.lab.random_unets import sdpa_attention
 from lib_unetmods.techniques import hidiffusion as hd
 from lib_unetmods.unet_map import map_unet
 from model_state import assert_restored, snapshot
@@ -334,7 +334,7 @@ SDXL_DEPTH = (0, 2, 2)  # two transformer blocks at the windowed level, as the r
 
 
 def _parity_unet(arch):
-    from lib_unetmods.random_unets import build_unet, randomize, set_transformer_depth
+    from lib_unetmods.lab.random_unets import build_unet, randomize, set_transformer_depth
 
     unet = build_unet(arch, "tiny", seed=1)
     if arch == "sdxl":
@@ -348,7 +348,7 @@ def _parity_unet(arch):
 def _diffusers_twin(unet, arch):
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
-    from lib_unetmods.random_unets import ADM_CHANNELS, _TINY
+    from lib_unetmods.lab.random_unets import ADM_CHANNELS, _TINY
 
     params = dict(_TINY[arch], in_channels=4, out_channels=4, num_res_blocks=2, transformer_depth=1)
     if arch == "sdxl":  # context_dim 64 makes the converter map label_emb(y) to class_embedding(class_labels)

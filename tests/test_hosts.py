@@ -15,8 +15,8 @@ import torch
 from hosts import forge
 from hosts.controlnet import ControlNetHook
 from lib_unetmods import Settings, StepClock, apply_mods
-from lib_unetmods.random_unets import ADM_CHANNELS, build_unet, context_dim
-from lib_unetmods.sampler import euler_sample
+from lib_unetmods.lab.random_unets import ADM_CHANNELS, build_unet, context_dim
+from lib_unetmods.lab.sampler import euler_sample
 from model_state import assert_restored, snapshot
 
 STEPS = 4

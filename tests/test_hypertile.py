@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from lib_unetmods import Settings, SettingsError, StepClock, apply_mods
 from lib_unetmods.composition import resolve_conflicts
 from lib_unetmods.patcher import Patcher
-from lib_unetmods.random_unets import set_transformer_depth, build_unet, sdpa_attention, webui_cat_fix
+from lib_unetmods.lab.random_unets import set_transformer_depth, build_unet, sdpa_attention, webui_cat_fix
 from lib_unetmods.techniques.hypertile import (
     depth_layers, largest_tile_size_available, layer_grid, merge_tiles, split_tiles, tile_counts,
 )

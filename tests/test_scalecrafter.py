@@ -12,8 +12,8 @@ from lib_unetmods import Settings, StepClock, apply_mods
 from lib_unetmods.apply import ApplyContext
 from lib_unetmods.composition import RULES
 from lib_unetmods.patcher import Patcher
-from lib_unetmods.random_unets import build_unet
-from lib_unetmods.sampler import euler_sample
+from lib_unetmods.lab.random_unets import build_unet
+from lib_unetmods.lab.sampler import euler_sample
 from lib_unetmods.techniques import scalecrafter as sc
 from lib_unetmods.techniques.scalecrafter_disperse import dispersion_system, load_or_solve, solve_dispersion
 from lib_unetmods.unet_map import map_unet

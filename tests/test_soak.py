@@ -8,10 +8,11 @@ import re
 import pytest
 
 import soak_runner
-from lib_unetmods import Settings, soak
+from lib_unetmods import Settings
+from lib_unetmods.lab import soak
 from lib_unetmods.params import ParamError
 from lib_unetmods.patcher import ACTIVE
-from lib_unetmods.random_unets import ARCHS
+from lib_unetmods.lab.random_unets import ARCHS
 from lib_unetmods.techniques import SPECS, TECHNIQUES
 
 SEED = int(os.environ.get("UNETMODS_SOAK_SEED", "0"))

@@ -5,8 +5,8 @@ import torch
 
 from lib_unetmods import Settings, StepClock, apply_mods
 from lib_unetmods.composition import resolve_conflicts
-from lib_unetmods.random_unets import example_inputs
-from lib_unetmods.sampler import euler_sample
+from lib_unetmods.lab.random_unets import example_inputs
+from lib_unetmods.lab.sampler import euler_sample
 from lib_unetmods.stacks import STACKS, stack_settings
 from lib_unetmods.techniques import SPECS
 from lib_unetmods.techniques.hidiffusion import NATIVE_SIDE

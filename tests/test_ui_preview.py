@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from lib_unetmods import Settings, StepClock, apply_mods
 from lib_unetmods.preview import Image, compute, render, summary
-from lib_unetmods.random_unets import example_inputs
+from lib_unetmods.lab.random_unets import example_inputs
 from lib_unetmods.unet_map import map_unet
 
 STEPS = 10

@@ -29,7 +29,7 @@ from modules import infotext_utils, script_callbacks, scripts, shared  # noqa: E
 from modules.ui_components import InputAccordion  # noqa: E402
 from sd_model import FakeSDModel  # noqa: E402
 
-from lib_unetmods.random_unets import build_unet  # noqa: E402
+from lib_unetmods.lab.random_unets import build_unet  # noqa: E402
 
 GRADIO_MAJOR = int(gr.__version__.split(".")[0])
 _script_module: list[Any] = []

@@ -38,7 +38,7 @@ import torch.nn as nn
 
 from ..forward import batch_rows
 from ..params import Param, TechniqueSpec, auto_values_param
-from ..sampler import TRAIN_SIGMAS
+from ..schedules import TRAIN_SIGMAS
 
 K_SHIFT = 0.02 * 20 / 3  # latent units per slider unit of the one-time shift (A2.4)
 SHIFT_NAMES = ("con2", "bri", "col1", "col2", "col3")

@@ -11,11 +11,11 @@ HOSTS = ("ldm", "forge", "controlnet")
 
 
 def bench_host(name: str, unet: nn.Module) -> tuple[nn.Module, Callable[..., Any]]:
-    """(the UNet to patch, a sampler with `lib_unetmods.sampler.euler_sample`'s signature) for the
+    """(the UNet to patch, a sampler with `lib_unetmods.lab.sampler.euler_sample`'s signature) for the
     benchmark's --host: "forge" = the same weights as Forge's UNet sampled with Forge's batch layout;
     "controlnet" = sd-webui-controlnet's forward installed, its control inactive (no residuals: with
     residuals DeepCache runs every step in full by design)."""
-    from lib_unetmods.sampler import euler_sample
+    from lib_unetmods.lab.sampler import euler_sample
 
     if name == "ldm":
         return unet, euler_sample

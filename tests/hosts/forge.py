@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from lib_unetmods.clock import StepClock
-from lib_unetmods.sampler import sd_sigmas, sigma_to_t
+from lib_unetmods.lab.sampler import sd_sigmas, sigma_to_t
 
 COND, UNCOND = 0, 1
 
@@ -239,7 +239,7 @@ def calc_cond_uncond_batch(patcher: UnetPatcher, cond: torch.Tensor, uncond: tor
 def sample(patcher: UnetPatcher, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, steps: int,
            clock: StepClock, cfg_scale: float = 7.0, split: bool = False, control: Callable[..., Any] | None = None,
            y: torch.Tensor | None = None, y_uncond: torch.Tensor | None = None) -> torch.Tensor:
-    """Euler with CFG on denoised latents; the same update as lib_unetmods.sampler.euler_sample."""
+    """Euler with CFG on denoised latents; the same update as lib_unetmods.lab.sampler.euler_sample."""
     sigmas = sd_sigmas(steps).to(noise.device)
     x = noise * sigmas[0]
     clock.set_layout(None, None)

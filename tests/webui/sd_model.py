@@ -1,7 +1,7 @@
 """A stand-in for the WebUI's loaded model: `.model.diffusion_model` is a real ldm UNet."""
 from types import SimpleNamespace
 
-from lib_unetmods.random_unets import webui_cat_fix
+from lib_unetmods.lab.random_unets import webui_cat_fix
 
 
 class FakeSDModel:

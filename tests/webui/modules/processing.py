@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lib_unetmods.sampler import sd_sigmas, sigma_to_t
+from lib_unetmods.lab.sampler import sd_sigmas, sigma_to_t
 from modules import script_callbacks
 from modules.shared import opts, state
 

@@ -13,10 +13,12 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from . import TESTS
+
 ARCHS = ("sd15", "sd21", "sdxl")  # as lib_unetmods.random_unets.ARCHS (importing it would import torch)
 FAMILY = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}  # the unet_map family of each architecture
 HOSTS = ("ldm", "forge", "controlnet")
-HOST_STANDINS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "hosts")
+HOST_STANDINS = os.path.join(TESTS, "hosts")
 COMPARE = {"tomesd": ("tomesd",), "deepcache": ("DeepCache", "diffusers")}  # --compare name: modules it needs
 PROG = "python -m lib_unetmods.bench"
 
@@ -202,7 +204,7 @@ def check_device(device: str) -> None:
 def parse_mods(texts: list[str], family: str) -> list[tuple[str, Any, list[str]]]:
     """(text, Settings, notes) per --mods (`stack=NAME` expands for `family`); a bad text is a
     BenchError naming it."""
-    from .settings import Settings, SettingsError
+    from ..settings import Settings, SettingsError
 
     out = []
     for text in texts:

@@ -2,32 +2,18 @@
 does: cond rows first, then uncond rows, in one UNet batch; the clock advances once per step."""
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 
-from .clock import StepClock
-
-
-def _train_sigmas() -> torch.Tensor:
-    """SD's 1000 training sigmas (scaled-linear betas 0.00085..0.012)."""
-    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-    alphas_cumprod = torch.cumprod(1 - betas, 0)
-    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
-
-
-TRAIN_SIGMAS = _train_sigmas()
+from ..clock import StepClock
+from ..schedules import TRAIN_SIGMAS, sigma_to_t
 
 
 def sd_sigmas(steps: int) -> torch.Tensor:
     """`steps` timesteps spaced evenly from 999 down, as sigmas, then 0."""
     t = torch.linspace(999, 0, steps, dtype=torch.float64).round().long()
     return torch.cat([TRAIN_SIGMAS[t], torch.zeros(1, dtype=torch.float64)]).float()
-
-
-def sigma_to_t(sigma: float) -> float:
-    return float(torch.argmin((TRAIN_SIGMAS.log() - math.log(sigma)).abs()))
 
 
 @torch.no_grad()

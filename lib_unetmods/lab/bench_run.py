@@ -19,15 +19,17 @@ import torch
 import torch.nn as nn
 
 from . import bench_chart, bench_compare
-from .apply import apply_mods
+from ..apply import apply_mods
 from .bench_checkpoint import load_unet_weights
 from .bench_cli import HOST_STANDINS, BenchError
-from .clock import StepClock
+from .progress import fmt_time
+from ..clock import StepClock
 from .random_unets import build_unet, example_inputs, sdpa_attention, webui_cat_fix
-from .sampler import euler_sample, sd_sigmas, sigma_to_t
-from .settings import Settings
-from .techniques import SPECS
-from .unet_map import map_unet
+from ..schedules import sigma_to_t
+from .sampler import euler_sample, sd_sigmas
+from ..settings import Settings
+from ..techniques import SPECS
+from ..unet_map import map_unet
 
 
 @dataclass
@@ -116,10 +118,6 @@ def measured(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[torc
 
 
 # --- the benchmark --------------------------------------------------------------------------
-
-def fmt_time(seconds: float) -> str:
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-
 
 class Bench:
     def __init__(self, args: Namespace, log: Any = sys.stderr) -> None:

@@ -1,0 +1,11 @@
+"""The lab: everything around the runtime that only developers and benchmark users run, never
+the WebUI. The benchmark and its comparisons with the reference packages, the soak, checkpoint
+loading, random-weight test UNets, the sampler, and the quality lab (the proxy model, its data,
+its training and the scores). The lab imports the runtime; the runtime never imports the lab.
+"""
+from __future__ import annotations
+
+import os
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TESTS = os.path.join(CHECKOUT, "tests")  # the WebUI and host stand-ins: in a source checkout only
