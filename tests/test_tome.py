@@ -8,7 +8,7 @@ import torch
 
 import tomesd.merge
 from lib_unetmods import Settings, SettingsError, StepClock, apply_mods
-from lib_unetmods import bench_compare
+from lib_unetmods.lab import bench_compare
 from lib_unetmods.lab.random_unets import build_unet, example_inputs, sdpa_attention, webui_cat_fix
 from lib_unetmods.techniques import tome
 from lib_unetmods.techniques.tome import bipartite_soft_matching, dst_partition, token_grid

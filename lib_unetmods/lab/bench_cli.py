@@ -15,7 +15,7 @@ from typing import Any
 
 from . import TESTS
 
-ARCHS = ("sd15", "sd21", "sdxl")  # as lib_unetmods.random_unets.ARCHS (importing it would import torch)
+ARCHS = ("sd15", "sd21", "sdxl")  # as lib_unetmods.lab.random_unets.ARCHS (importing it would import torch)
 FAMILY = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}  # the unet_map family of each architecture
 HOSTS = ("ldm", "forge", "controlnet")
 HOST_STANDINS = os.path.join(TESTS, "hosts")
