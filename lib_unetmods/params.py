@@ -130,9 +130,12 @@ class TechniqueSpec:
         return {p.name: p.default for p in self.params}
 
     def recommended_values(self, family: str) -> dict[str, Any]:
-        """Defaults with the family's recommended values (an SDXL variant falls back to SDXL's)."""
+        """Defaults with the family's recommended values (an SDXL variant falls back to SDXL's, a
+        derived family such as the lab's proxy to its layout's)."""
+        from .families import layout
+
         values = self.defaults()
-        fallback = self.recommended.get("sdxl") if family.startswith("sdxl") else None
+        fallback = self.recommended.get("sdxl" if family.startswith("sdxl") else layout(family))
         values.update(self.recommended.get(family) or fallback or self.recommended.get("default", {}))
         values["enabled"] = True
         return values

@@ -15,9 +15,9 @@ from .composition import resolve_conflicts
 from .schedules import pass_steps
 from .settings import Settings
 from .techniques import SPECS, cdtuner, deepcache, deepshrink, freeu, hidiffusion, hypertile, scalecrafter, tome
-from .unet_map import SD1, UNetMap
+from .families import SD1, title
+from .unet_map import UNetMap
 
-FAMILY_NAMES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "sdxl_refiner": "SDXL refiner"}
 
 
 @dataclass(frozen=True)
@@ -254,7 +254,7 @@ def render(preview: Preview) -> str:
     for p in preview.passes:
         out.append(f'<div class="um-pass" data-pass="{p.name}" data-steps="{p.steps}">'
                    f'<div class="um-pass-title">{p.name.capitalize()}: {p.steps} steps, {p.width}x{p.height}, '
-                   f'{FAMILY_NAMES.get(preview.family, preview.family)}</div>')
+                   f'{title(preview.family)}</div>')
         for row in p.rows:
             cells = "".join(_cell_html(c, i) for i, c in enumerate(row.cells))
             out.append(f'<div class="um-row" data-technique="{row.technique}" data-label="{html.escape(row.label)}" '

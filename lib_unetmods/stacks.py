@@ -21,14 +21,14 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .unet_map import SD1, SD2, SDXL
+from .families import SD1, SD2, SDXL, ByFamily
 
 _HIDIFFUSION = {"rau_net": True, "msw_msa": True, "auto": True}
 _FAST_SD1 = {"deepcache": {"interval": 4, "level": 0, "schedule": "nonuniform"}, "hidiffusion": _HIDIFFUSION}
 _FAST = {"deepcache": {"interval": 3, "level": 0, "schedule": "uniform"}, "hidiffusion": _HIDIFFUSION}
 
 STACKS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
-    "fast": {SD1: _FAST_SD1, SD2: _FAST, SDXL: _FAST},
+    "fast": ByFamily({SD1: _FAST_SD1, SD2: _FAST, SDXL: _FAST}),
 }
 
 

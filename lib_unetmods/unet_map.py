@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-SD1, SD2, SDXL, SDXL_REFINER = "sd1", "sd2", "sdxl", "sdxl_refiner"
+from .families import SD1, SD2, SDXL, SDXL_REFINER, derived_family
 
 
 class UnsupportedModel(ValueError):
@@ -100,6 +100,9 @@ def _host(unet: nn.Module) -> str:
 
 
 def _family(unet: nn.Module, inputs: list[Block], attention: list[AttentionLayer]) -> str:
+    derived = derived_family(unet.out[-1].out_channels)
+    if derived is not None:
+        return derived
     label_emb = getattr(unet, "label_emb", None)
     level0_attention = any(b.has_attention for b in inputs if b.level_in == 0 and b.index > 0)
     if label_emb is not None and not level0_attention:

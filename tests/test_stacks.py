@@ -9,7 +9,7 @@ from lib_unetmods.lab.random_unets import example_inputs
 from lib_unetmods.lab.sampler import euler_sample
 from lib_unetmods.stacks import STACKS, stack_settings
 from lib_unetmods.techniques import SPECS
-from lib_unetmods.techniques.hidiffusion import NATIVE_SIDE
+from lib_unetmods.families import native_side
 from lib_unetmods.unet_map import map_unet
 from model_state import assert_restored, snapshot
 
@@ -49,7 +49,7 @@ def test_stack_runs_and_restores_exactly(make_unet, name, family):
     steps (the middle block runs once); no message but DeepCache's few-steps advice, the model
     bit-identical afterwards."""
     unet = make_unet(ARCH[family])
-    side = NATIVE_SIDE[family] + 8
+    side = native_side(family) + 8
     inputs = example_inputs(unet, batch=2, height=side, width=side)
     noise, cond, uncond, y = inputs["x"][:1], inputs["context"][:1], inputs["context"][1:], inputs["y"]
     y = None if y is None else y[:1]

@@ -1,5 +1,6 @@
 """A small Euler sampler with classifier-free guidance that drives the step clock as the WebUI
-does: cond rows first, then uncond rows, in one UNet batch; the clock advances once per step."""
+does: cond rows first, then uncond rows, in one UNet batch; the clock advances once per step.
+Epsilon- or v-predicting UNets; txt2img from noise or img2img from a latent (hires fix)."""
 from __future__ import annotations
 
 
@@ -19,20 +20,27 @@ def sd_sigmas(steps: int) -> torch.Tensor:
 @torch.no_grad()
 def euler_sample(unet: nn.Module, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, steps: int,
                  clock: StepClock, cfg_scale: float = 7.0, y: torch.Tensor | None = None,
-                 y_uncond: torch.Tensor | None = None) -> torch.Tensor:
-    """Sample `steps` Euler steps from `noise` (batch B); every UNet call has 2B rows."""
+                 y_uncond: torch.Tensor | None = None, prediction: str = "eps", init: torch.Tensor | None = None,
+                 denoise: float = 1.0) -> torch.Tensor:
+    """Sample `steps` Euler steps from `noise` (batch B); every UNet call has 2B rows. With
+    `init` (img2img), only the last round(steps * denoise) steps run, from `init` noised to their
+    first sigma (A1111's hires fix: the pass's clock counts those steps)."""
     sigmas = sd_sigmas(steps).to(noise.device)
-    x = noise * sigmas[0]
+    first = 0 if init is None else steps - max(1, round(steps * denoise))
+    x = noise * sigmas[first] + (0 if init is None else init)
     batch = noise.shape[0]
     context = torch.cat([cond, uncond])
     y_in = None if y is None else torch.cat([y, y if y_uncond is None else y_uncond])
     clock.set_layout(batch, batch)
-    for i in range(steps):
+    for i in range(first, steps):
         sigma = float(sigmas[i])
-        clock.begin_step(i, sigma)
+        clock.begin_step(i - first, sigma)
         c_in = 1 / (sigma ** 2 + 1) ** 0.5
         t = torch.full((2 * batch,), sigma_to_t(sigma), device=noise.device)
-        eps = unet(torch.cat([x, x]) * c_in, t, context=context, y=y_in)
+        x_in = torch.cat([x, x]) * c_in
+        eps = unet(x_in, t, context=context, y=y_in)
+        if prediction == "v":  # the noise the v prediction implies (A1111's CompVisVDenoiser, sigma_data 1)
+            eps = (sigma * x_in + eps) * c_in
         eps_c, eps_u = eps.chunk(2)
         eps = eps_u + cfg_scale * (eps_c - eps_u)
         x = x + eps * (float(sigmas[i + 1]) - sigma)

@@ -26,12 +26,13 @@ import torch.nn.functional as F
 
 from ..forward import Refused, UNetCall
 from ..params import Param, TechniqueSpec, first_pass_or_hires_box
-from ..unet_map import SD1, SD2, SDXL, AttentionLayer, UNetMap
+from ..families import SD1, SD2, SDXL, ByFamily, layout, native_side
+from ..unet_map import AttentionLayer, UNetMap
 
 AGGRESSIVE_STEP = 8  # of 50: the reference's aggressive_step
-NATIVE_SIDE = {SD1: 64, SD2: 96, SDXL: 128}  # latent side of the training size
 # (RAD/RAU pair, pooled pair) as (input block, mirrored output block), reference §3.2
-DEFAULT_BLOCKS = {SD1: ((3, 8), (4, 7)), SD2: ((3, 8), (4, 7)), SDXL: ((6, 2), (4, 4))}
+SMALL_SIDE = {SD1: 256, SD2: 256, SDXL: 512}  # latent side below which the table is gentler
+DEFAULT_BLOCKS = ByFamily({SD1: ((3, 8), (4, 7)), SD2: ((3, 8), (4, 7)), SDXL: ((6, 2), (4, 4))})
 RAU_PAIRS = ("auto", "3/8", "6/5", "9/2", "3/5", "6/2")
 POOL_PAIRS = ("auto", "1/10", "2/9", "4/7", "5/6", "7/4", "8/3", "10/1", "11/0", "1/7", "2/6", "4/4", "5/3", "7/1", "8/0")
 UPSCALE_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic", "area")
@@ -111,12 +112,15 @@ class Schedule:
 
 
 def table_ratios(family: str, height: int, width: int, inpainting: bool = False) -> tuple[float, float, bool]:
-    """(T1, T2, aggressive) of the reference's table for a latent of height x width."""
-    if family == SDXL:
-        if height < 512 or width < 512:
+    """(T1, T2, aggressive) of the reference's table for a latent of height x width (a derived
+    family's threshold scales with its native side)."""
+    lay = layout(family)
+    small = SMALL_SIDE[lay] * native_side(family) // native_side(lay)
+    if lay == SDXL:
+        if height < small or width < small:
             return 0.4, 0.0, not inpainting
         return 0.7, 0.3, False
-    if height < 256 or width < 256:
+    if height < small or width < small:
         return 0.4, 0.0, False
     return 0.7, 0.3, False
 
@@ -128,7 +132,7 @@ def schedule(family: str, values: dict[str, Any], height: int, width: int, total
         return Schedule((int(values["start"] * n), int(values["end"] * n)),
                         (int(values["pool_start"] * n), int(values["pool_end"] * n)))
     if values["auto"]:
-        if height * width <= NATIVE_SIDE[family] ** 2:
+        if height * width <= native_side(family) ** 2:
             return Schedule((0, 0), (0, 0))
         t1, t2, aggressive = table_ratios(family, height, width, inpainting)
     else:
@@ -136,7 +140,7 @@ def schedule(family: str, values: dict[str, Any], height: int, width: int, total
     if aggressive:
         switch = int(AGGRESSIVE_STEP / 50 * n)
         return Schedule((0, switch), (switch, int(n * t1)))
-    rad_ratio, pool_ratio = (t2, t1) if family == SDXL else (t1, t2)
+    rad_ratio, pool_ratio = (t2, t1) if layout(family) == SDXL else (t1, t2)
     return Schedule((0, int(n * rad_ratio)), (0, int(n * pool_ratio)))
 
 
@@ -306,7 +310,7 @@ def _apply_rau_net(ctx: Any, values: dict[str, Any]) -> None:
     inpainting = getattr(unet, "in_channels", 4) == 9
     if ctx.latent_shape is not None and values["auto"] and not values["custom_windows"]:
         h, w = ctx.latent_shape[-2:]
-        if h * w <= NATIVE_SIDE[umap.family] ** 2:
+        if h * w <= native_side(umap.family) ** 2:
             ctx.warn(f"RAU-Net is not needed at {w * 8}x{h * 8} (at or below the native size)"
                      + ("; only MSW-MSA runs" if values["msw_msa"] else "; nothing to do"))
             return

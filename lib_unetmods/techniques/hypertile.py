@@ -22,7 +22,8 @@ import torch
 import torch.nn as nn
 
 from ..params import Param, TechniqueSpec
-from ..unet_map import SD1, SD2, AttentionLayer, UNetMap
+from ..families import SD1, SD2, layout
+from ..unet_map import AttentionLayer, UNetMap
 
 MIN_TILE_PX = 128  # the built-in's floor on the tile size (tfernd: 32)
 MAX_LEVELS = 8  # downsampling levels searched when matching a token count to the latent
@@ -143,7 +144,7 @@ def layer_depth(layer: AttentionLayer, family: str, first_level: int) -> int | N
     if not layer.is_self:
         return None
     index = _transformer_index(layer)
-    if family in (SD1, SD2):
+    if layout(family) in (SD1, SD2):
         return layer.level if index == 0 else None
     if layer.block.kind == "middle":
         return 2

@@ -27,11 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..families import PIXELS_PER_LATENT, ByFamily, native_side as native_latent_side
 from ..forward import Refused
 from ..params import Param, TechniqueSpec, first_pass_or_hires_box
 from .scalecrafter_disperse import dispersion_matrix
 
-NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sdxl_refiner": 1024}
 LEVEL_PARAMS = 4  # level0..level3 (SDXL has three levels; 4 covers SD1/SD2)
 
 SPEC = TechniqueSpec(
@@ -101,7 +101,7 @@ _SD2_NDCFG = {"down_blocks.2.resnets": 3, "down_blocks.2.downsamplers": 4, "down
 _SDXL_DEEP = _uniform(2, "down_blocks.3", "mid_block", "up_blocks.0")
 _SDXL_4096 = {"down_blocks.3": 4, "mid_block": 4, "up_blocks.0": 4, "up_blocks.1": 3, "up_blocks.2": 2}
 
-REFERENCE: dict[str, tuple[Config, ...]] = {  # design doc 1.3: configs/*.yaml + assets/*_settings
+REFERENCE: dict[str, tuple[Config, ...]] = ByFamily({  # design doc 1.3: configs/*.yaml + assets/*_settings
     "sd1": (
         Config(4, _uniform(2, *_ALL7), 30),  # 1024x1024
         Config(6.25, _uniform(2.5, *_ALL7), 35),  # 1280x1280
@@ -120,13 +120,13 @@ REFERENCE: dict[str, tuple[Config, ...]] = {  # design doc 1.3: configs/*.yaml +
         Config(8, {"down_blocks.2": 3, **_SDXL_4096}, 35, _SDXL_DEEP, 35, True),  # 4096x2048
         Config(16, {"down_blocks.2": 4, **_SDXL_4096}, 35, _SDXL_DEEP, 35, True),  # 4096x4096
     ),
-}
+})
 REFERENCE["sdxl_refiner"] = REFERENCE["sdxl"]
-DISPERSE = {  # assets/disperse_settings (2048x2048 / 4096x4096)
+DISPERSE = ByFamily({  # assets/disperse_settings (2048x2048 / 4096x4096)
     "sd1": ("down_blocks.2.downsamplers", "down_blocks.3", "mid_block", "up_blocks.0", "up_blocks.1"),
     "sd2": ("down_blocks.2.downsamplers", "down_blocks.3", "mid_block", "up_blocks.0", "up_blocks.1"),
     "sdxl": ("down_blocks.2", "mid_block", "up_blocks.0"),
-}
+})
 DISPERSE["sdxl_refiner"] = DISPERSE["sdxl"]
 
 
@@ -181,7 +181,7 @@ def lookup(table: Mapping[str, float], name: str, family: str) -> float:
 
 
 def native_size(family: str, values: Mapping[str, Any]) -> int:
-    return NATIVE[family] if values["native"] == "auto" else int(values["native"])
+    return native_latent_side(family) * PIXELS_PER_LATENT if values["native"] == "auto" else int(values["native"])
 
 
 def choose_config(family: str, ratio: float) -> tuple[Config, float]:

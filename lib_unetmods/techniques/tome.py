@@ -27,9 +27,10 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from ..families import ByFamily
 from ..params import Param, TechniqueSpec
 
-AUTO_MAX_DOWNSAMPLE = {"sd1": 1, "sd2": 1, "sdxl": 2, "sdxl_refiner": 2}  # SDXL has no attention at x1
+AUTO_MAX_DOWNSAMPLE = ByFamily({"sd1": 1, "sd2": 1, "sdxl": 2, "sdxl_refiner": 2})  # SDXL has no attention at x1
 SITES = (("merge_attn", "attn1"), ("merge_crossattn", "attn2"), ("merge_mlp", "ff"))
 
 SPEC = TechniqueSpec(

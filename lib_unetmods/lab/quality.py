@@ -1,0 +1,360 @@
+"""The quality lab: every technique scored on the trained proxy model (lab/proxy_model.py).
+
+    python -m lib_unetmods.quality                # the default table (prints its expected time first)
+    python -m lib_unetmods.quality --all          # more rows: presets, second settings, 3x speed rows
+    python -m lib_unetmods.quality --json         # one JSON object per row on stdout
+
+Each row samples the same seeds (seed i asks for shape i mod 3 and colour (i div 3) mod 6) with
+the project's sampler and `apply_mods`, exactly as in the WebUI, at 1x, 2x or 3x the training
+size or through a hires-fix path (1x, image upscaled x2, half the steps again at denoise 0.5),
+and scores each image (lab/score.py): exactly one object, mean object count, colour and shape
+right; `distance` is the per-seed mean squared pixel difference to the unpatched output at the
+same size and steps ("plain, half the steps" is its yardstick); `speedup` the median of the
+unpatched model's time over the row's, chunk by chunk, run interleaved on the same run.
+Shares come with a 95 % Wilson interval, distances with a 95 % normal interval.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ..apply import apply_mods
+from ..clock import StepClock
+from ..families import PROXY
+from ..settings import Settings
+from . import proxy_model
+from .progress import fmt_time
+from .random_unets import sdpa_attention
+from .sampler import euler_sample
+from .score import score_batch
+from .shapes import COLOURS, SHAPES
+
+STEPS = 12  # Euler steps: shape and colour are settled well before this on the proxy
+CFG = 3.0
+SEEDS = 64
+CHUNK = 16  # seeds per UNet batch; speed-ups are per chunk
+HIRES_DENOISE = 0.5
+SCALES: tuple[Any, ...] = (1, 2, 3, "hires")
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    mods: str  # settings text (Settings.from_text) or "none"
+    scale: Any  # 1, 2, 3 or "hires"
+    half_steps: bool = False  # the yardstick: the unpatched model at half the steps
+    extra: bool = False  # only with --all
+
+
+def _rows() -> list[Row]:
+    rows = []
+    for scale in SCALES:
+        rows += [Row("plain", "none", scale), Row("plain, half the steps", "none", scale, half_steps=True, extra=scale == 3)]
+    rows += [
+        # the quality techniques and the cheap speed rows at the training size
+        Row("FreeU", "freeu", 1), Row("CD Tuner", "cdtuner", 1, extra=True),
+        Row("ToMe", "tome", 1), Row("DeepCache", "deepcache", 1),
+        # high resolution
+        Row("Deep Shrink", "deepshrink", 2), Row("ScaleCrafter", "scalecrafter", 2), Row("HiDiffusion", "hidiffusion", 2),
+        Row("Deep Shrink", "deepshrink", 3), Row("Deep Shrink factor 3", "deepshrink factor=3", 3),
+        Row("ScaleCrafter", "scalecrafter", 3), Row("HiDiffusion", "hidiffusion", 3),
+        Row("Deep Shrink, smooth", "deepshrink preset=sdxl", 2, extra=True),
+        Row("HiDiffusion RAU-Net only", "hidiffusion msw_msa=off", 2, extra=True),
+        # speed at 2x, where users reach for it
+        Row("ToMe", "tome", 2), Row("ToMe 0.3", "tome ratio=0.3", 2, extra=True),
+        Row("HyperTile", "hypertile tile_size=128", 2), Row("DeepCache", "deepcache", 2),
+        Row("DeepCache 1 in 4, non-uniform", "deepcache interval=4 schedule=nonuniform", 2, extra=True),
+        Row("speed stack", "stack=fast", 2),
+        Row("FreeU", "freeu", 2, extra=True),
+        # the hires-fix path
+        Row("Deep Shrink", "deepshrink", "hires", extra=True), Row("HiDiffusion", "hidiffusion", "hires", extra=True),
+        Row("speed stack", "stack=fast", 3, extra=True),
+    ]
+    return rows
+
+
+ROWS = _rows()
+
+
+def latent_side(scale: Any, train_side: int) -> int:
+    return train_side * (2 if scale == "hires" else scale)
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % interval of a share k / n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def seed_classes(seeds: range) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.tensor(list(seeds))
+    return idx % len(SHAPES), (idx // len(SHAPES)) % len(COLOURS)
+
+
+def seed_noise(seeds: range, channels: int, side: int, salt: int = 0) -> torch.Tensor:
+    return torch.stack([torch.randn(channels, side, side, generator=torch.Generator().manual_seed(1000 * salt + s))
+                        for s in seeds])
+
+
+class Lab:
+    """The proxy model and the sampling of one chunk of seeds with one row's settings."""
+
+    def __init__(self, model: proxy_model.Proxy, steps: int = STEPS, cfg: float = CFG) -> None:
+        self.model, self.steps, self.cfg = model, steps, cfg
+        self.config = model.config
+        self.channels = self.config.unet["in_channels"]
+        self.train_side = self.config.train_size // self.config.fold
+
+    def _pass(self, settings: Settings, seeds: range, noise: torch.Tensor, steps: int, messages: set[str],
+              init: torch.Tensor | None = None, base_shape: tuple[int, ...] | None = None,
+              hires_planned: bool = False) -> torch.Tensor:
+        shape, colour = seed_classes(seeds)
+        cond = self.model.cond(shape, colour)
+        uncond = self.model.cond.null(len(seeds))
+        clock = StepClock()
+        clock.start(steps if init is None else max(1, round(steps * HIRES_DENOISE)), hires=init is not None)
+        applied = apply_mods(self.model.unet, settings, clock, seed=seeds[0], latent_shape=tuple(noise.shape),
+                             prediction=self.config.prediction, hires_planned=hires_planned, base_shape=base_shape)
+        messages.update(applied.messages)
+        try:
+            return euler_sample(self.model.unet, noise, cond, uncond, steps, clock, cfg_scale=self.cfg,
+                                prediction=self.config.prediction, init=init, denoise=HIRES_DENOISE)
+        finally:
+            applied.restore()
+
+    def sample(self, row: Row, seeds: range, messages: set[str]) -> torch.Tensor:
+        """Images (n, 3, H, W) in [0, 1] of `seeds` under `row`."""
+        settings = Settings() if row.mods == "none" else Settings.from_text(row.mods, strict=True, family=PROXY)
+        steps = max(1, self.steps // 2) if row.half_steps else self.steps
+        side = latent_side(1 if row.scale == "hires" else row.scale, self.train_side)
+        noise = seed_noise(seeds, self.channels, side)
+        latent = self._pass(settings, seeds, noise, steps, messages, hires_planned=row.scale == "hires")
+        if row.scale == "hires":
+            image = F.interpolate(proxy_model.to_image(latent, self.config), scale_factor=2, mode="bicubic").clamp(0, 1)
+            noise = seed_noise(seeds, self.channels, 2 * side, salt=1)
+            latent = self._pass(settings, seeds, noise, steps, messages, init=proxy_model.to_latent(image, self.config),
+                                base_shape=tuple(latent.shape))
+        return proxy_model.to_image(latent, self.config)
+
+
+@dataclass
+class Result:
+    row: Row
+    images: list[torch.Tensor] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)  # per chunk
+    messages: set[str] = field(default_factory=set)
+
+    def record(self, classes: tuple[torch.Tensor, torch.Tensor], plain: "Result | None") -> dict[str, Any]:
+        images = torch.cat(self.images)
+        scores = score_batch(images)
+        n = len(scores)
+        shape, colour = classes
+        one = sum(s.count == 1 for s in scores)
+        colour_ok = sum(s.colour == c for s, c in zip(scores, colour.tolist()))
+        shape_ok = sum(s.shape == c for s, c in zip(scores, shape.tolist()))
+        out: dict[str, Any] = {
+            "label": self.row.label, "mods": self.row.mods, "scale": self.row.scale,
+            "steps": "half" if self.row.half_steps else "full", "seeds": n,
+            "one_object": one / n, "one_object_ci": wilson(one, n),
+            "mean_count": sum(s.count for s in scores) / n,
+            "colour_ok": colour_ok / n, "colour_ok_ci": wilson(colour_ok, n),
+            "shape_ok": shape_ok / n, "shape_ok_ci": wilson(shape_ok, n),
+            "distance": None, "distance_ci": None, "speedup": None, "speedup_range": None,
+            "seconds": sum(self.seconds), "messages": sorted(self.messages),
+        }
+        if plain is not None and plain is not self:
+            d = ((images - torch.cat(plain.images)) ** 2).flatten(1).mean(1).tolist()
+            mean, sd = statistics.fmean(d), statistics.pstdev(d)
+            half = 1.96 * sd / math.sqrt(n)
+            out["distance"], out["distance_ci"] = mean, (max(0.0, mean - half), mean + half)
+            ratios = [p / s for p, s in zip(plain.seconds, self.seconds)]
+            out["speedup"], out["speedup_range"] = statistics.median(ratios), (min(ratios), max(ratios))
+        return out
+
+
+def chunks(seeds: int, size: int = CHUNK) -> Iterator[range]:
+    for start in range(0, seeds, size):
+        yield range(start, min(seeds, start + size))
+
+
+def unet_call_cost(lab: Lab, side: int, rows: int = 2 * CHUNK) -> float:
+    """Seconds of one unpatched UNet call on `rows` rows at a latent side (for the estimate)."""
+    x = torch.randn(rows, lab.channels, side, side)
+    context = lab.model.cond.null(rows)
+    t = torch.full((rows,), 500.0)
+    lab.model.unet(x, t, context=context)  # warm-up
+    start = time.perf_counter()
+    lab.model.unet(x, t, context=context)
+    return time.perf_counter() - start
+
+
+def expected_seconds(lab: Lab, rows: list[Row], seeds: int) -> float:
+    """Unpatched UNet calls the run makes, at what each costs here (patched rows are mostly cheaper)."""
+    cost = {side: unet_call_cost(lab, side) for side in {latent_side(s, lab.train_side) for s in {r.scale for r in rows}} | {lab.train_side}}
+    per_chunk = 0.0
+    for r in set(rows) | {Row("plain", "none", r.scale) for r in rows}:
+        steps = lab.steps // 2 if r.half_steps else lab.steps
+        if r.scale == "hires":
+            per_chunk += steps * cost[lab.train_side] + round(steps * HIRES_DENOISE) * cost[2 * lab.train_side]
+        else:
+            per_chunk += steps * cost[latent_side(r.scale, lab.train_side)]
+    return per_chunk * math.ceil(seeds / CHUNK)
+
+
+def run(lab: Lab, rows: list[Row], seeds: int, emit: Any = None, progress: Any = None) -> list[dict[str, Any]]:
+    """Every row at its scale, the scale's rows interleaved chunk by chunk with the unpatched one."""
+    records: list[dict[str, Any]] = []
+    groups = {scale: [r for r in rows if r.scale == scale] for scale in dict.fromkeys(r.scale for r in rows)}
+    done, started = 0, time.perf_counter()
+    total = sum(len({Row("plain", "none", s), *g}) for s, g in groups.items()) * math.ceil(seeds / CHUNK)
+    for scale, group in groups.items():
+        plain_row = Row("plain", "none", scale)
+        results = {r: Result(r) for r in [plain_row] + [r for r in group if r != plain_row]}
+        for chunk in chunks(seeds):
+            for r, res in results.items():
+                start = time.perf_counter()
+                res.images.append(lab.sample(r, chunk, res.messages))
+                res.seconds.append(time.perf_counter() - start)
+                done += 1
+                if progress:
+                    elapsed = time.perf_counter() - started
+                    progress(f"[{done}/{total}] {scale}x {r.label}: seeds {chunk.start}-{chunk.stop - 1} "
+                             f"in {res.seconds[-1]:.1f}s, {fmt_time(elapsed)} elapsed, ~{fmt_time(elapsed / done * (total - done))} left")
+        classes = seed_classes(range(seeds))
+        plain = results[plain_row]
+        for r, res in results.items():
+            if r in group:
+                record = res.record(classes, plain)
+                record["samples"] = torch.cat(res.images)[:8]
+                records.append(record)
+                if emit:
+                    emit(record)
+    return records
+
+
+# --- output ------------------------------------------------------------------------------
+
+def _pct(share: float, ci: tuple[float, float] | None = None) -> str:
+    return f"{share * 100:.0f} %" + (f" ({ci[0] * 100:.0f}-{ci[1] * 100:.0f})" if ci else "")
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    head = ("| scale | row | settings | one object (95 % CI) | mean count | colour | shape | distance | speed-up |\n"
+            "|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in records:
+        dist = "" if r["distance"] is None else f"{r['distance']:.4f}"
+        speed = "" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        scale = r["scale"] if r["scale"] == "hires" else f"{r['scale']}x"
+        lines.append(f"| {scale} | {r['label']} | `{r['mods']}` | {_pct(r['one_object'], r['one_object_ci'])} | "
+                     f"{r['mean_count']:.2f} | {_pct(r['colour_ok'])} | {_pct(r['shape_ok'])} | {dist} | {speed} |")
+    return "\n".join(lines)
+
+
+def draw_chart(records: list[dict[str, Any]], path: str) -> None:
+    """One-object rate per row (with its interval) and distance to the unpatched output."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['scale']}{'x' if r['scale'] != 'hires' else ''} {r['label']}" for r in records]
+    y = range(len(records))[::-1]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 0.32 * len(records) + 1.5), sharey=True)
+    share = [r["one_object"] * 100 for r in records]
+    err = [[(r["one_object"] - r["one_object_ci"][0]) * 100 for r in records], [(r["one_object_ci"][1] - r["one_object"]) * 100 for r in records]]
+    a.barh(list(y), share, xerr=err, color="#4c72b0")
+    a.set_yticks(list(y), labels, fontsize=8)
+    a.set_xlim(0, 100)
+    a.set_xlabel("exactly one object (%)")
+    dist = [r["distance"] or 0.0 for r in records]
+    b.barh(list(y), dist, color="#dd8452")
+    b.set_xlabel("distance to the unpatched output (mean squared, pixels 0..1)")
+    fig.suptitle("Quality lab: each technique on the trained proxy model")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def draw_samples(records: list[dict[str, Any]], path: str, scale: Any, pixels: int = 64) -> bool:
+    """The same seeds side by side, one line per row of `scale` (what a user would look at)."""
+    from PIL import Image, ImageDraw
+
+    rows = [r for r in records if r["scale"] == scale]
+    if not rows:
+        return False
+    label_w, n = 230, max(len(r["samples"]) for r in rows)
+    sheet = Image.new("RGB", (label_w + n * (pixels + 2), len(rows) * (pixels + 2)), "white")
+    pen = ImageDraw.Draw(sheet)
+    for i, r in enumerate(rows):
+        top = i * (pixels + 2)
+        pen.text((4, top + pixels // 2 - 12), f"{r['label']}\none object {r['one_object'] * 100:.0f} %", fill="black")
+        for j, image in enumerate(r["samples"]):
+            img = F.interpolate(image[None], size=(pixels, pixels), mode="nearest")[0]
+            arr = (img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            sheet.paste(Image.fromarray(arr), (label_w + j * (pixels + 2), top))
+    sheet.save(path)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lib_unetmods.quality", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--all", action="store_true", help="also the extra rows (presets, second settings, hires path)")
+    ap.add_argument("--only", default="", help="only rows whose label or settings contain this text")
+    ap.add_argument("--scales", default="", help="comma-separated scales to run (1,2,3,hires)")
+    ap.add_argument("--seeds", type=int, default=SEEDS, help=f"seeds per row (default {SEEDS})")
+    ap.add_argument("--steps", type=int, default=STEPS)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--weights", default=proxy_model.WEIGHTS)
+    ap.add_argument("--out", default="quality-results", help="folder for the table, JSON lines, chart and pictures")
+    ap.add_argument("--json", action="store_true", help="one JSON object per row on stdout")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    scales = {s if s == "hires" else int(s) for s in args.scales.split(",") if s}
+    rows = [r for r in ROWS if (args.all or not r.extra) and (not scales or r.scale in scales)
+            and (not args.only or args.only in r.label or args.only in r.mods)]
+    os.makedirs(args.out, exist_ok=True)
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
+    lab = Lab(proxy_model.load(args.weights), steps=args.steps)
+    jsonl = open(os.path.join(args.out, "quality.jsonl"), "w")
+
+    def emit(record: dict[str, Any]) -> None:
+        data = {k: v for k, v in record.items() if k != "samples"}
+        line = json.dumps(data)
+        jsonl.write(line + "\n")
+        jsonl.flush()
+        if args.json:
+            print(line, flush=True)
+        else:
+            say(f"  -> {record['scale']} {record['label']}: one object {_pct(record['one_object'], record['one_object_ci'])}, "
+                f"colour {_pct(record['colour_ok'])}, shape {_pct(record['shape_ok'])}"
+                + ("" if record["distance"] is None else f", distance {record['distance']:.4f}, speed-up {record['speedup']:.2f}x"))
+
+    with torch.no_grad(), sdpa_attention():
+        say(f"{len(rows)} rows x {args.seeds} seeds, {args.steps} steps, CFG {CFG}; expected about "
+            f"{fmt_time(expected_seconds(lab, rows, args.seeds))} here (torch threads: {torch.get_num_threads()})")
+        records = run(lab, rows, args.seeds, emit=emit, progress=say)
+    jsonl.close()
+    with open(os.path.join(args.out, "quality.md"), "w") as f:
+        f.write(table(records) + "\n")
+    draw_chart(records, os.path.join(args.out, "quality.png"))
+    pictures = [s for s in SCALES if draw_samples(records, os.path.join(args.out, f"samples-{s}{'x' if s != 'hires' else ''}.png"), s)]
+    if not args.json:
+        print(table(records))
+    say(f"written to {args.out}/: quality.md, quality.jsonl, quality.png, samples per scale ({', '.join(map(str, pictures))})")
+    return 0
