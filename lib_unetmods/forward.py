@@ -23,10 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .clock import StepClock
-from .patcher import Patcher
+from .patcher import Patcher, current_forward
 from .unet_map import UNetMap, map_unet
 
-POINTS = ("begin", "after_input", "after_skip", "after_middle", "to_skip", "before_concat", "after_output", "end")
+POINTS = ("begin", "after_input", "after_skip", "to_skip", "before_concat", "after_output", "end")
 
 
 class Refused(Exception):
@@ -50,8 +50,6 @@ class Shortcut:
 class UNetCall:
     x: torch.Tensor
     timesteps: torch.Tensor | None
-    context: Any
-    y: torch.Tensor | None
     kwargs: dict[str, Any]
     clock: StepClock
     state: dict[str, Any] = field(default_factory=dict)  # scratch space shared by hooks
@@ -94,23 +92,23 @@ def batch_rows(kwargs: dict[str, Any], clock: StepClock, batch: int) -> tuple[li
     return list(range(nc)), list(range(nc, nc + nu))
 
 
-def _split_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
-    names = ("x", "timesteps", "context", "y")
-    return tuple(args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(names))  # type: ignore[return-value]
+def _split_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """(x, timesteps) of a UNet call, by position or keyword."""
+    return tuple(args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(("x", "timesteps")))  # type: ignore[return-value]
 
 
 class ForwardHooks:
     """Hook lists by point, called in registration order (= technique order):
     begin(call), may set call.shortcut; after_input(i, h, call) -> h, before the skip is saved
-    (so it changes the skip); after_skip(i, h, call) -> h, after it is saved; after_middle(h, call)
-    -> h; to_skip(i, h, size, call) -> h, where h leaves the block that feeds output_blocks[i]
+    (so it changes the skip); after_skip(i, h, call) -> h, after it is saved;
+    to_skip(i, h, size, call) -> h, where h leaves the block that feeds output_blocks[i]
     (size: the skip's spatial size; resize h there, the host concatenates next);
     before_concat(i, h, skip, call) -> (h, skip), same sizes; after_output(i, h, call) -> h;
     end(out, call) -> out.
     """
 
-    def __init__(self, unet: nn.Module, h_channels: list[int], clock: StepClock) -> None:
-        self.unet, self.h_channels, self.clock = unet, h_channels, clock
+    def __init__(self, h_channels: list[int], clock: StepClock) -> None:
+        self.h_channels, self.clock = h_channels, clock
         self.lists: dict[str, list[Callable[..., Any]]] = {p: [] for p in POINTS}
         self.current: UNetCall | None = None
         # output blocks at whose concat the skip is compared with the input block's output, to see
@@ -125,9 +123,9 @@ class ForwardHooks:
     # --- the UNet call ---------------------------------------------------------------------
 
     def _begin(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        x, timesteps, context, y = _split_call(args, kwargs)
+        x, timesteps = _split_call(args, kwargs)
         self.clock.calls_in_step += 1
-        call = UNetCall(x, timesteps, context, y, kwargs, self.clock)
+        call = UNetCall(x, timesteps, kwargs, self.clock)
         self.current = call
         for fn in self.lists["begin"]:
             fn(call)
@@ -223,8 +221,6 @@ class ForwardHooks:
                 return self._placeholder(call, ("middle", 0))
             h = self._after_skip(len(call.skips) - 1, h, call)
             h = inner(h, *args, **kwargs)
-            for fn in self.lists["after_middle"]:
-                h = fn(h, call)
             h = self._to_skip(0, h, call)
             call.shapes["middle", 0] = h.shape
             self._align_control(call, "middle", h)
@@ -272,26 +268,19 @@ def _without_output_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tupl
     return (*args[:3], None, *args[4:]) if len(args) >= 4 else args, kwargs
 
 
-def _inner(module: nn.Module) -> Callable[..., Any]:
-    """The forward in place now: an instance forward another technique or extension set, else
-    the class's, looked up per call (so a later class-level replacement still runs)."""
-    own = module.__dict__.get("forward")
-    return own if own is not None else (lambda *args, **kwargs: type(module).forward(module, *args, **kwargs))
-
-
 def install_forward(unet: nn.Module, patcher: Patcher, clock: StepClock, umap: UNetMap | None = None) -> ForwardHooks:
     """Install the hook points on the UNet and its blocks (undone by the patcher)."""
     umap = umap or map_unet(unet)
     if umap.host == "forge_classic":
         raise Refused("classic Forge calls the UNet blocks' layers directly, so block-level hooks never run there")
-    hooks = ForwardHooks(unet, umap.h_channels, clock)
+    hooks = ForwardHooks(umap.h_channels, clock)
     patcher.add_handle(unet.register_forward_pre_hook(hooks._begin, with_kwargs=True), "forward")
     patcher.add_handle(unet.register_forward_hook(hooks._end, with_kwargs=True, always_call=True), "forward")
     for i, block in enumerate(unet.input_blocks):
-        patcher.set_attr(block, "forward", hooks.input_forward(i, _inner(block)), "forward")
-    patcher.set_attr(unet.middle_block, "forward", hooks.middle_forward(_inner(unet.middle_block)), "forward")
+        patcher.set_attr(block, "forward", hooks.input_forward(i, current_forward(block)), "forward")
+    patcher.set_attr(unet.middle_block, "forward", hooks.middle_forward(current_forward(unet.middle_block)), "forward")
     for i, block in enumerate(unet.output_blocks):
-        patcher.set_attr(block, "forward", hooks.output_forward(i, _inner(block)), "forward")
+        patcher.set_attr(block, "forward", hooks.output_forward(i, current_forward(block)), "forward")
     patcher.on_restore(lambda: setattr(hooks, "current", None), "forward")
     return hooks
 

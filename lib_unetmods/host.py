@@ -100,14 +100,16 @@ def record_pass(p: Any, generation: Generation, hires: bool, applied: Applied | 
 
 
 def host_unet(p: Any) -> nn.Module | None:
+    """The UNet module: Forge's `sd_model.forge_objects.unet.model.diffusion_model`, A1111's
+    `sd_model.model.diffusion_model`; None where a link is missing."""
     model = getattr(p, "sd_model", None)
     forge = getattr(model, "forge_objects", None)
-    if forge is not None:
-        return getattr(getattr(forge.unet, "model", None), "diffusion_model", None)
-    return getattr(getattr(model, "model", None), "diffusion_model", None)
+    wrapper = getattr(forge.unet, "model", None) if forge is not None else getattr(model, "model", None)
+    return getattr(wrapper, "diffusion_model", None)
 
 
 def host_vae(p: Any) -> nn.Module | None:
+    """The first-stage model (its decoder is what CD Tuner's saturation edits)."""
     model = getattr(p, "sd_model", None)
     forge = getattr(model, "forge_objects", None)
     if forge is not None:
@@ -116,8 +118,11 @@ def host_vae(p: Any) -> nn.Module | None:
 
 
 def webui_token_merging(p: Any, hires: bool) -> float:
+    """The WebUI's own token merging ratio for this pass (0 where the WebUI has none)."""
     getter = getattr(p, "get_token_merging_ratio", None)
-    return float(getter(for_hr=hires) or 0) if callable(getter) else 0.0
+    if not callable(getter):
+        return 0.0
+    return float(getter(for_hr=hires) or 0)
 
 
 def begin_pass(p: Any, generation: Generation, x_shape: tuple[int, ...] | None, fix_steps: bool = False,
@@ -147,11 +152,16 @@ def begin_pass(p: Any, generation: Generation, x_shape: tuple[int, ...] | None, 
     if not hires:
         generation.first_pass_shape = x_shape
     seeds = getattr(p, "seeds", None) or [getattr(p, "seed", 0)]
+    parameterization = getattr(getattr(p, "sd_model", None), "parameterization", "eps")
     generation.applied = apply_mods(
-        unet, settings, generation.clock, seed=int(seeds[0]), latent_shape=x_shape, vae=host_vae(p),
-        prediction="v" if getattr(getattr(p, "sd_model", None), "parameterization", "eps") == "v" else "eps",
+        unet, settings, generation.clock,
+        seed=int(seeds[0]),
+        latent_shape=x_shape,
+        vae=host_vae(p),
+        prediction="v" if parameterization == "v" else "eps",
         hires_planned=not hires and bool(getattr(p, "enable_hr", False)),
-        base_shape=generation.first_pass_shape if hires else None)
+        base_shape=generation.first_pass_shape if hires else None,
+    )
     generation.report(p, generation.applied.messages)
     _follow_sampler_steps(p, generation)
 
@@ -184,12 +194,19 @@ def on_cfg_denoiser(generation: Generation | None, params: Any) -> None:
     clock = generation.clock
     clock.total_steps = max(int(params.total_sampling_steps), 1)
     sigma = params.sigma
-    clock.begin_step(max(clock.step, int(params.sampling_step)), float(sigma.reshape(-1)[0]) if hasattr(sigma, "reshape") else sigma)
+    if hasattr(sigma, "reshape"):  # a tensor, one sigma per row: the rows share it
+        sigma = float(sigma.reshape(-1)[0])
+    clock.begin_step(max(clock.step, int(params.sampling_step)), sigma)
     # A1111 stacks cond rows, then one uncond row per image; it may still drop the uncond rows
     # after this callback (negative guidance minimum sigma), so hooks compare with x's batch size.
     # Forge passes the undoubled x here and batches on its own: the layout is then unknown.
     uncond = params.text_uncond
-    uncond_rows = 0 if uncond is None else (uncond.shape[0] if hasattr(uncond, "shape") else next(iter(uncond.values())).shape[0])
+    if uncond is None:
+        uncond_rows = 0
+    elif hasattr(uncond, "shape"):
+        uncond_rows = uncond.shape[0]
+    else:  # SDXL's conditioning: a dict of tensors with one row each
+        uncond_rows = next(iter(uncond.values())).shape[0]
     rows = params.x.shape[0]
     if rows > uncond_rows:
         clock.set_layout(rows - uncond_rows, uncond_rows)

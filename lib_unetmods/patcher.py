@@ -45,12 +45,6 @@ class Patcher:
     def add_handle(self, handle: torch.utils.hooks.RemovableHandle, owner: str = "") -> None:
         self._push(owner, handle.remove)
 
-    def replace_parameter(self, module: nn.Module, name: str, value: torch.Tensor, owner: str = "") -> None:
-        """Install a new Parameter; restore puts the original Parameter object back (bit-exact)."""
-        old = module._parameters[name]
-        module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
-        self._push(owner, lambda: module._parameters.__setitem__(name, old))
-
     def on_restore(self, fn: Callable[[], None], owner: str = "") -> None:
         self._push(owner, fn)
 
@@ -80,6 +74,14 @@ class Patcher:
 
     def restore(self) -> None:
         self._undo_to(0)
+
+
+def current_forward(module: nn.Module) -> Callable[..., Any]:
+    """The forward to wrap: the one in place now (an instance forward another technique or
+    extension set), else the class's, looked up per call, so a later class-level replacement
+    (a host switching the attention kernel) still runs under the wrapper."""
+    own = module.__dict__.get("forward")
+    return own if own is not None else (lambda *args, **kwargs: type(module).forward(module, *args, **kwargs))
 
 
 def leftover(model: nn.Module) -> Patcher | None:

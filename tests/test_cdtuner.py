@@ -28,6 +28,13 @@ def settings(**values):
     return Settings({"cdtuner": {**SPEC.defaults(), "enabled": True, **values}})
 
 
+def replace_parameter(patcher, module, name, value):
+    """The reference's weight edit: a new Parameter now, the original object back on restore."""
+    old = module._parameters[name]
+    module._parameters[name] = nn.Parameter(value, requires_grad=old.requires_grad)
+    patcher.on_restore(lambda: module._parameters.__setitem__(name, old))
+
+
 def inputs(unet, batch=2, size=16, t=500.0, seed=0):
     g = torch.Generator().manual_seed(seed)
     ctx_dim = next(m for n, m in unet.named_modules() if n.endswith("attn2")).to_k.in_features
@@ -116,11 +123,11 @@ def test_hook_form_equals_weight_edit_form(make_unet, arch):
 
     edits = Patcher(unet)  # the reference's weight edit, as A2.3 writes it
     conv_in, norm, out_conv = unet.input_blocks[0][0], unet.out[0], unet.out[2]
-    edits.replace_parameter(conv_in, "weight", conv_in.weight * (1 - 0.04))
-    edits.replace_parameter(conv_in, "bias", conv_in.bias * (1 + 0.08))
-    edits.replace_parameter(norm, "weight", norm.weight * (1 + 0.03))
-    edits.replace_parameter(norm, "bias", norm.bias * (1 - 0.06))
-    edits.replace_parameter(out_conv, "bias", out_conv.bias + torch.tensor([0.12, 0, 0, 0]))
+    replace_parameter(edits, conv_in, "weight", conv_in.weight * (1 - 0.04))
+    replace_parameter(edits, conv_in, "bias", conv_in.bias * (1 + 0.08))
+    replace_parameter(edits, norm, "weight", norm.weight * (1 + 0.03))
+    replace_parameter(edits, norm, "bias", norm.bias * (1 - 0.06))
+    replace_parameter(edits, out_conv, "bias", out_conv.bias + torch.tensor([0.12, 0, 0, 0]))
     edited = unet(**x)
     edits.restore()
     assert_restored(unet, before)
@@ -388,7 +395,7 @@ def test_saturation_hooks_equal_decoder_weight_edits():
     modules = dict(vae.decoder.named_modules())
     for keys, f in ((cdtuner.SAT_KEYS, 1 + 0.075 * 4), (cdtuner.SAT2_KEYS, 1 - 0.02 * 5)):
         for key in keys:
-            edits.replace_parameter(modules[key], "weight", modules[key].weight * f)
+            replace_parameter(edits, modules[key], "weight", modules[key].weight * f)
     edited = vae.decode(z)
     edits.restore()
     assert_restored(vae, before)

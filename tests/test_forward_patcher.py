@@ -26,7 +26,7 @@ def test_hooked_forward_without_hooks_is_bit_identical(tiny_unet, make_inputs):
     assert torch.equal(tiny_unet(**inputs), expected)
     seen = []
     for point, fn in {"begin": lambda call: seen.append(point), "after_input": lambda i, h, call: h,
-                      "after_skip": lambda i, h, call: h, "after_middle": lambda h, call: h,
+                      "after_skip": lambda i, h, call: h,
                       "to_skip": lambda i, h, size, call: h, "before_concat": lambda i, h, skip, call: (h, skip),
                       "after_output": lambda i, h, call: h, "end": lambda out, call: seen.append(out) or out}.items():
         hooks.add(point, fn, patcher)

@@ -199,6 +199,31 @@ def test_host_attention_kernel_runs_on_the_tiles(make_inputs, monkeypatch):
     assert (2, 16 * 24) in shapes  # depth 1 whole
 
 
+def test_kernel_set_after_apply_runs_on_the_tiles(make_inputs, monkeypatch):
+    """The wrapper looks the class's forward up per call (patcher.current_forward): a kernel the
+    host sets after HyperTile is applied (a change of cross-attention optimization) still runs."""
+    from ldm.modules.attention import CrossAttention
+
+    unet = build_unet("sd15", "tiny")
+    inputs = make_inputs(unet, batch=2, height=32, width=48)
+    clock = StepClock()
+    clock.start(1)
+    applied = apply_mods(unet, Settings.from_text("hypertile swap_size=1", strict=True), clock)
+    shapes = []
+    original = CrossAttention.forward
+
+    def host_kernel(self, x, context=None, mask=None):
+        shapes.append(tuple(x.shape[:2]))
+        return original(self, x, context, mask)
+
+    monkeypatch.setattr(CrossAttention, "forward", host_kernel)
+    try:
+        unet(**inputs)
+    finally:
+        applied.restore()
+    assert (2 * 6, 16 * 16) in shapes  # depth 0: 2x3 tiles of 16x16 tokens, in the batch
+
+
 def test_no_split_is_bit_identical_and_restore_is_exact(tiny_unet, make_inputs):
     """Latent 16x24: the minimum tile (128 px = 16 tokens) allows one tile per side everywhere."""
     inputs = make_inputs(tiny_unet, batch=2, height=16, width=24)

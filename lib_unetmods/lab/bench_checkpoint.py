@@ -13,12 +13,15 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from .bench_cli import BenchError
-
 UNET_PREFIX = "model.diffusion_model."
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 MODEL_CHANNELS = {320: "full", 32: "tiny"}  # first conv's width -> the benchmark's --unet-size
 SDXL_ADM = 2816  # SDXL base's label embedding input (the refiner's is 2560)
+
+
+class BenchError(Exception):
+    """A bad option or input: reported as one line, exit code 2. Defined here, the benchmark's
+    lowest module, so that the reader and the command line (which re-exports it) import one way."""
 
 
 @dataclass(frozen=True)

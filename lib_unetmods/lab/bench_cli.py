@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import TESTS
+from .bench_checkpoint import BenchError, inspect_checkpoint  # BenchError lives there: no cycle, no torch
 
 ARCHS = ("sd15", "sd21", "sdxl")  # as lib_unetmods.lab.random_unets.ARCHS (importing it would import torch)
 FAMILY = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}  # the unet_map family of each architecture
@@ -35,10 +36,6 @@ Times a UNet over a short sampling schedule (cond + uncond rows, torch SDPA atte
 WebUI) without mods and with each technique at its recommended settings (or --mods), on the same
 inputs, in interleaved rounds; prints the median speed-up with its spread, the peak memory and
 the output's difference from the unpatched UNet, and writes them to --out as they come."""
-
-
-class BenchError(Exception):
-    """A bad option or input: reported as one line, exit code 2."""
 
 
 def positive_int(text: str) -> int:
@@ -153,8 +150,6 @@ def resolve(args: argparse.Namespace) -> None:
     args.width, args.height = args.size
     args.checkpoint_info = None
     if args.checkpoint:
-        from .bench_checkpoint import inspect_checkpoint
-
         info = inspect_checkpoint(args.checkpoint)
         if args.arch is not None and args.arch != info.arch:
             raise BenchError(f"--arch {args.arch} does not match the checkpoint, whose keys are those of {info.arch} "

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from ..params import Param, TechniqueSpec
 from ..families import SD1, SD2, layout
+from ..patcher import current_forward
 from ..unet_map import AttentionLayer, UNetMap
 
 MIN_TILE_PX = 128  # the built-in's floor on the tile size (tfernd: 32)
@@ -215,4 +216,4 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
     ctx.patcher.add_handle(ctx.unet.register_forward_pre_hook(size, with_kwargs=True), ctx.technique)
     for layer, depth in layers:
         module = layer.module
-        ctx.patcher.set_attr(module, "forward", _tiled_forward(module.forward, depth, size, values, rng), ctx.technique)
+        ctx.patcher.set_attr(module, "forward", _tiled_forward(current_forward(module), depth, size, values, rng), ctx.technique)

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from ..families import ByFamily
 from ..params import Param, TechniqueSpec
+from ..patcher import current_forward
 
 AUTO_MAX_DOWNSAMPLE = ByFamily({"sd1": 1, "sd2": 1, "sdxl": 2, "sdxl_refiner": 2})  # SDXL has no attention at x1
 SITES = (("merge_attn", "attn1"), ("merge_crossattn", "attn2"), ("merge_mlp", "ff"))
@@ -238,13 +239,6 @@ class MergeState:
         return bipartite_soft_matching(x, h, w, self.sx, self.sy, r, partition=self.partitions[key])
 
 
-def _own_forward(module: nn.Module) -> Callable[..., Any]:
-    """The forward in place now (another technique's wrapper), else the class's forward looked up
-    at call time, so a host that switches the attention kernel later is still followed."""
-    inner = module.__dict__.get("forward")
-    return inner if inner is not None else lambda *args, **kwargs: type(module).forward(module, *args, **kwargs)
-
-
 class _Current:
     """The matching of the block call in progress, read by the block's wrapped sub-modules."""
 
@@ -314,7 +308,7 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
     ctx.patcher.add_handle(ctx.unet.register_forward_pre_hook(hook, with_kwargs=True), "tome")
     for block in blocks:
         current = _Current()
-        ctx.patcher.set_attr(block, "forward", _block_forward(_own_forward(block), state, current), "tome")
+        ctx.patcher.set_attr(block, "forward", _block_forward(current_forward(block), state, current), "tome")
         for name in sites:
             module = getattr(block, name)
-            ctx.patcher.set_attr(module, "forward", _site_forward(_own_forward(module), current), "tome")
+            ctx.patcher.set_attr(module, "forward", _site_forward(current_forward(module), current), "tome")
