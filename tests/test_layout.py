@@ -1,7 +1,7 @@
 """The house's layout, read from the source with ast (nothing is imported):
 
 - the runtime (what the WebUI loads: scripts/ and lib_unetmods/ except lib_unetmods/lab/ and the
-  thin entry modules bench.py and soak.py) never imports the lab or the entry modules;
+  thin entry modules bench.py, quality.py and soak.py) never imports the lab or the entry modules;
 - nothing in lib_unetmods imports upward from tests/ (the lab's two deliberate loads of the host
   stand-ins, listed in LAB_LOADS_FROM_TESTS, excepted: a new one fails here);
 - the import graph among lib_unetmods' modules has no cycle. Imports inside functions count: a
@@ -15,7 +15,7 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "lib_unetmods"
 LAB = f"{PACKAGE}.lab"
-ENTRY_MODULES = {f"{PACKAGE}.bench", f"{PACKAGE}.soak"}  # `python -m lib_unetmods.bench`: lab-side
+ENTRY_MODULES = {f"{PACKAGE}.bench", f"{PACKAGE}.quality", f"{PACKAGE}.soak"}  # `python -m lib_unetmods.bench`: lab-side
 
 # (module, top-level name under tests/) loaded on purpose: the benchmark runs its Forge and
 # ControlNet hosts on the stand-ins in tests/hosts, the soak drives tests/soak_runner.py.

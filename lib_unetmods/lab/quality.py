@@ -52,8 +52,9 @@ class Row:
     label: str
     mods: str  # settings text (Settings.from_text) or "none"
     scale: Any  # 1, 2, 3 or "hires"
-    half_steps: bool = False  # the yardstick: the unpatched model at half the steps
+    half_steps: bool = False  # the yardstick: the same settings at half the steps
     extra: bool = False  # only with --all
+    reference: str = "plain"  # label of the row (same scale) whose output `distance` is measured against
 
 
 def _rows() -> list[Row]:
@@ -62,23 +63,25 @@ def _rows() -> list[Row]:
         rows += [Row("plain", "none", scale), Row("plain, half the steps", "none", scale, half_steps=True, extra=scale == 3)]
     rows += [
         # the quality techniques and the cheap speed rows at the training size
-        Row("FreeU", "freeu", 1), Row("CD Tuner", "cdtuner", 1, extra=True),
+        Row("FreeU", "freeu", 1), Row("CD Tuner", "cdtuner auto_values=on", 1),
         Row("ToMe", "tome", 1), Row("DeepCache", "deepcache", 1),
-        # high resolution
+        # high resolution: each technique's defaults, and Deep Shrink's factor = the scale
         Row("Deep Shrink", "deepshrink", 2), Row("ScaleCrafter", "scalecrafter", 2), Row("HiDiffusion", "hidiffusion", 2),
-        Row("Deep Shrink", "deepshrink", 3), Row("Deep Shrink factor 3", "deepshrink factor=3", 3),
-        Row("ScaleCrafter", "scalecrafter", 3), Row("HiDiffusion", "hidiffusion", 3),
+        Row("Deep Shrink factor 3", "deepshrink factor=3", 3), Row("ScaleCrafter", "scalecrafter", 3),
+        Row("HiDiffusion", "hidiffusion", 3), Row("Deep Shrink", "deepshrink", 3, extra=True),
         Row("Deep Shrink, smooth", "deepshrink preset=sdxl", 2, extra=True),
         Row("HiDiffusion RAU-Net only", "hidiffusion msw_msa=off", 2, extra=True),
-        # speed at 2x, where users reach for it
+        # speed at 2x, where users reach for it; the stack's DeepCache is judged against
+        # HiDiffusion alone, beside HiDiffusion at half the steps
         Row("ToMe", "tome", 2), Row("ToMe 0.3", "tome ratio=0.3", 2, extra=True),
         Row("HyperTile", "hypertile tile_size=128", 2), Row("DeepCache", "deepcache", 2),
         Row("DeepCache 1 in 4, non-uniform", "deepcache interval=4 schedule=nonuniform", 2, extra=True),
-        Row("speed stack", "stack=fast", 2),
+        Row("speed stack", "stack=fast", 2, reference="HiDiffusion"),
+        Row("HiDiffusion, half the steps", "hidiffusion", 2, half_steps=True, reference="HiDiffusion"),
         Row("FreeU", "freeu", 2, extra=True),
         # the hires-fix path
         Row("Deep Shrink", "deepshrink", "hires", extra=True), Row("HiDiffusion", "hidiffusion", "hires", extra=True),
-        Row("speed stack", "stack=fast", 3, extra=True),
+        Row("speed stack", "stack=fast", 3, extra=True, reference="HiDiffusion"),
     ]
     return rows
 
@@ -158,7 +161,7 @@ class Result:
     seconds: list[float] = field(default_factory=list)  # per chunk
     messages: set[str] = field(default_factory=set)
 
-    def record(self, classes: tuple[torch.Tensor, torch.Tensor], plain: "Result | None") -> dict[str, Any]:
+    def record(self, classes: tuple[torch.Tensor, torch.Tensor], plain: "Result", reference: "Result") -> dict[str, Any]:
         images = torch.cat(self.images)
         scores = score_batch(images)
         n = len(scores)
@@ -173,14 +176,15 @@ class Result:
             "mean_count": sum(s.count for s in scores) / n,
             "colour_ok": colour_ok / n, "colour_ok_ci": wilson(colour_ok, n),
             "shape_ok": shape_ok / n, "shape_ok_ci": wilson(shape_ok, n),
-            "distance": None, "distance_ci": None, "speedup": None, "speedup_range": None,
+            "distance": None, "distance_ci": None, "reference": self.row.reference, "speedup": None, "speedup_range": None,
             "seconds": sum(self.seconds), "messages": sorted(self.messages),
         }
-        if plain is not None and plain is not self:
-            d = ((images - torch.cat(plain.images)) ** 2).flatten(1).mean(1).tolist()
+        if reference is not self:
+            d = ((images - torch.cat(reference.images)) ** 2).flatten(1).mean(1).tolist()
             mean, sd = statistics.fmean(d), statistics.pstdev(d)
             half = 1.96 * sd / math.sqrt(n)
             out["distance"], out["distance_ci"] = mean, (max(0.0, mean - half), mean + half)
+        if plain is not self:
             ratios = [p / s for p, s in zip(plain.seconds, self.seconds)]
             out["speedup"], out["speedup_range"] = statistics.median(ratios), (min(ratios), max(ratios))
         return out
@@ -215,15 +219,23 @@ def expected_seconds(lab: Lab, rows: list[Row], seeds: int) -> float:
     return per_chunk * math.ceil(seeds / CHUNK)
 
 
+def needed(group: list[Row]) -> list[Row]:
+    """The rows of one scale with the unpatched row first and every row a distance refers to."""
+    scale = group[0].scale
+    refs = [r for r in ROWS if r.scale == scale and not r.half_steps and r.label in {g.reference for g in group}]
+    return list(dict.fromkeys([Row("plain", "none", scale), *refs, *group]))
+
+
 def run(lab: Lab, rows: list[Row], seeds: int, emit: Any = None, progress: Any = None) -> list[dict[str, Any]]:
     """Every row at its scale, the scale's rows interleaved chunk by chunk with the unpatched one."""
     records: list[dict[str, Any]] = []
     groups = {scale: [r for r in rows if r.scale == scale] for scale in dict.fromkeys(r.scale for r in rows)}
+    runs = {scale: needed(group) for scale, group in groups.items()}
     done, started = 0, time.perf_counter()
-    total = sum(len({Row("plain", "none", s), *g}) for s, g in groups.items()) * math.ceil(seeds / CHUNK)
+    total = sum(map(len, runs.values())) * math.ceil(seeds / CHUNK)
     for scale, group in groups.items():
         plain_row = Row("plain", "none", scale)
-        results = {r: Result(r) for r in [plain_row] + [r for r in group if r != plain_row]}
+        results = {r: Result(r) for r in runs[scale]}
         for chunk in chunks(seeds):
             for r, res in results.items():
                 start = time.perf_counter()
@@ -235,10 +247,10 @@ def run(lab: Lab, rows: list[Row], seeds: int, emit: Any = None, progress: Any =
                     progress(f"[{done}/{total}] {scale}x {r.label}: seeds {chunk.start}-{chunk.stop - 1} "
                              f"in {res.seconds[-1]:.1f}s, {fmt_time(elapsed)} elapsed, ~{fmt_time(elapsed / done * (total - done))} left")
         classes = seed_classes(range(seeds))
-        plain = results[plain_row]
+        by_label = {r.label: res for r, res in results.items() if not r.half_steps}
         for r, res in results.items():
             if r in group:
-                record = res.record(classes, plain)
+                record = res.record(classes, results[plain_row], by_label[r.reference])
                 record["samples"] = torch.cat(res.images)[:8]
                 records.append(record)
                 if emit:
@@ -315,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lib_unetmods.quality", description=__doc__.split("\n\n")[0])
     ap.add_argument("--all", action="store_true", help="also the extra rows (presets, second settings, hires path)")
     ap.add_argument("--only", default="", help="only rows whose label or settings contain this text")
+    ap.add_argument("--exclude", default="", help="leave out rows whose label contains this text")
     ap.add_argument("--scales", default="", help="comma-separated scales to run (1,2,3,hires)")
     ap.add_argument("--seeds", type=int, default=SEEDS, help=f"seeds per row (default {SEEDS})")
     ap.add_argument("--steps", type=int, default=STEPS)
@@ -327,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     scales = {s if s == "hires" else int(s) for s in args.scales.split(",") if s}
     rows = [r for r in ROWS if (args.all or not r.extra) and (not scales or r.scale in scales)
-            and (not args.only or args.only in r.label or args.only in r.mods)]
+            and (not args.only or args.only in r.label or args.only in r.mods)
+            and (not args.exclude or args.exclude not in r.label)]
     os.makedirs(args.out, exist_ok=True)
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
     lab = Lab(proxy_model.load(args.weights), steps=args.steps)
