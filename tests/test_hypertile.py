@@ -180,12 +180,10 @@ def test_unet_output_equals_block_diagonal_attention(arch, h, w, tile, counts, m
     assert not torch.allclose(out, plain, atol=1e-3)
 
 
-def test_host_attention_kernel_runs_on_the_tiles(make_inputs, monkeypatch):
-    """The wrapper calls the attention module's own forward (a class-level kernel the host set)."""
+def set_host_kernel(monkeypatch) -> list[tuple[int, int]]:
+    """A class-level attention kernel, as a host sets one; returns the (batch, tokens) it sees."""
     from ldm.modules.attention import CrossAttention
 
-    unet = build_unet("sd15", "tiny")
-    inputs = make_inputs(unet, batch=2, height=32, width=48)
     shapes = []
     original = CrossAttention.forward
 
@@ -194,6 +192,14 @@ def test_host_attention_kernel_runs_on_the_tiles(make_inputs, monkeypatch):
         return original(self, x, context, mask)
 
     monkeypatch.setattr(CrossAttention, "forward", host_kernel)
+    return shapes
+
+
+def test_host_attention_kernel_runs_on_the_tiles(make_inputs, monkeypatch):
+    """The wrapper calls the attention module's own forward (a class-level kernel the host set)."""
+    unet = build_unet("sd15", "tiny")
+    inputs = make_inputs(unet, batch=2, height=32, width=48)
+    shapes = set_host_kernel(monkeypatch)
     run(unet, inputs, "hypertile swap_size=1")
     assert (2 * 6, 16 * 16) in shapes  # depth 0: 2x3 tiles of 16x16 tokens, in the batch
     assert (2, 16 * 24) in shapes  # depth 1 whole
@@ -202,21 +208,12 @@ def test_host_attention_kernel_runs_on_the_tiles(make_inputs, monkeypatch):
 def test_kernel_set_after_apply_runs_on_the_tiles(make_inputs, monkeypatch):
     """The wrapper looks the class's forward up per call (patcher.current_forward): a kernel the
     host sets after HyperTile is applied (a change of cross-attention optimization) still runs."""
-    from ldm.modules.attention import CrossAttention
-
     unet = build_unet("sd15", "tiny")
     inputs = make_inputs(unet, batch=2, height=32, width=48)
     clock = StepClock()
     clock.start(1)
     applied = apply_mods(unet, Settings.from_text("hypertile swap_size=1", strict=True), clock)
-    shapes = []
-    original = CrossAttention.forward
-
-    def host_kernel(self, x, context=None, mask=None):
-        shapes.append(tuple(x.shape[:2]))
-        return original(self, x, context, mask)
-
-    monkeypatch.setattr(CrossAttention, "forward", host_kernel)
+    shapes = set_host_kernel(monkeypatch)
     try:
         unet(**inputs)
     finally:

@@ -55,6 +55,7 @@ class Row:
     half_steps: bool = False  # the yardstick: the same settings at half the steps
     extra: bool = False  # only with --all
     reference: str = "plain"  # label of the row (same scale) whose output `distance` is measured against
+    cfg: float | None = None  # guidance scale, if not the lab's
 
 
 def _rows() -> list[Row]:
@@ -67,9 +68,13 @@ def _rows() -> list[Row]:
         Row("ToMe", "tome", 1), Row("DeepCache", "deepcache", 1),
         # high resolution: each technique's defaults, and Deep Shrink's factor = the scale
         Row("Deep Shrink", "deepshrink", 2), Row("ScaleCrafter", "scalecrafter", 2), Row("HiDiffusion", "hidiffusion", 2),
-        Row("Deep Shrink factor 3", "deepshrink factor=3", 3), Row("ScaleCrafter", "scalecrafter", 3),
-        Row("HiDiffusion", "hidiffusion", 3), Row("Deep Shrink", "deepshrink", 3, extra=True),
+        Row("Deep Shrink at block 1", "deepshrink block=1", 2),
+        Row("Deep Shrink at block 1, factor 3", "deepshrink block=1 factor=3", 3), Row("ScaleCrafter", "scalecrafter", 3),
+        Row("HiDiffusion", "hidiffusion", 3), Row("Deep Shrink factor 3", "deepshrink factor=3", 3, extra=True),
         Row("Deep Shrink, smooth", "deepshrink preset=sdxl", 2, extra=True),
+        Row("Deep Shrink to half the steps", "deepshrink end=0.5", 2, extra=True),
+        Row("Deep Shrink to 70 % of the steps", "deepshrink end=0.7", 2, extra=True),
+        Row("Deep Shrink after block 6", "deepshrink block=6 end=0.5", 2, extra=True),
         Row("HiDiffusion RAU-Net only", "hidiffusion msw_msa=off", 2, extra=True),
         # speed at 2x, where users reach for it; the stack's DeepCache is judged against
         # HiDiffusion alone, beside HiDiffusion at half the steps
@@ -79,6 +84,12 @@ def _rows() -> list[Row]:
         Row("speed stack", "stack=fast", 2, reference="HiDiffusion"),
         Row("HiDiffusion, half the steps", "hidiffusion", 2, half_steps=True, reference="HiDiffusion"),
         Row("FreeU", "freeu", 2, extra=True),
+        # DeepCache at 20 steps is cheapest to judge at 1x (RAU-Net is off there; MSW-MSA runs)
+        Row("DeepCache 1 in 4, non-uniform", "deepcache interval=4 schedule=nonuniform", 1, extra=True),
+        Row("HiDiffusion", "hidiffusion", 1, extra=True),
+        Row("HiDiffusion, half the steps", "hidiffusion", 1, half_steps=True, reference="HiDiffusion", extra=True),
+        Row("speed stack", "stack=fast", 1, reference="HiDiffusion", extra=True),
+        Row("speed stack, DeepCache 1 in 3", "stack=fast; deepcache interval=3 schedule=uniform", 1, reference="HiDiffusion", extra=True),
         # the hires-fix path
         Row("Deep Shrink", "deepshrink", "hires", extra=True), Row("HiDiffusion", "hidiffusion", "hires", extra=True),
         Row("speed stack", "stack=fast", 3, extra=True, reference="HiDiffusion"),
@@ -122,7 +133,7 @@ class Lab:
         self.channels = self.config.unet["in_channels"]
         self.train_side = self.config.train_size // self.config.fold
 
-    def _pass(self, settings: Settings, seeds: range, noise: torch.Tensor, steps: int, messages: set[str],
+    def _pass(self, settings: Settings, seeds: range, noise: torch.Tensor, steps: int, cfg: float, messages: set[str],
               init: torch.Tensor | None = None, base_shape: tuple[int, ...] | None = None,
               hires_planned: bool = False) -> torch.Tensor:
         shape, colour = seed_classes(seeds)
@@ -134,7 +145,7 @@ class Lab:
                              prediction=self.config.prediction, hires_planned=hires_planned, base_shape=base_shape)
         messages.update(applied.messages)
         try:
-            return euler_sample(self.model.unet, noise, cond, uncond, steps, clock, cfg_scale=self.cfg,
+            return euler_sample(self.model.unet, noise, cond, uncond, steps, clock, cfg_scale=cfg,
                                 prediction=self.config.prediction, init=init, denoise=HIRES_DENOISE)
         finally:
             applied.restore()
@@ -145,11 +156,12 @@ class Lab:
         steps = max(1, self.steps // 2) if row.half_steps else self.steps
         side = latent_side(1 if row.scale == "hires" else row.scale, self.train_side)
         noise = seed_noise(seeds, self.channels, side)
-        latent = self._pass(settings, seeds, noise, steps, messages, hires_planned=row.scale == "hires")
+        cfg = self.cfg if row.cfg is None else row.cfg
+        latent = self._pass(settings, seeds, noise, steps, cfg, messages, hires_planned=row.scale == "hires")
         if row.scale == "hires":
             image = F.interpolate(proxy_model.to_image(latent, self.config), scale_factor=2, mode="bicubic").clamp(0, 1)
             noise = seed_noise(seeds, self.channels, 2 * side, salt=1)
-            latent = self._pass(settings, seeds, noise, steps, messages, init=proxy_model.to_latent(image, self.config),
+            latent = self._pass(settings, seeds, noise, steps, cfg, messages, init=proxy_model.to_latent(image, self.config),
                                 base_shape=tuple(latent.shape))
         return proxy_model.to_image(latent, self.config)
 
@@ -284,7 +296,8 @@ def draw_chart(records: list[dict[str, Any]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['scale']}{'x' if r['scale'] != 'hires' else ''} {r['label']}" for r in records]
+    labels = [f"{r['scale']}{'x' if r['scale'] != 'hires' else ''} {r['label']}"
+              + (f" (distance to {r['reference']})" if r.get("reference", "plain") != "plain" else "") for r in records]
     y = range(len(records))[::-1]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 0.32 * len(records) + 1.5), sharey=True)
     share = [r["one_object"] * 100 for r in records]
@@ -323,10 +336,21 @@ def draw_samples(records: list[dict[str, Any]], path: str, scale: Any, pixels: i
     return True
 
 
+def combine(dirs: list[str], out: str) -> int:
+    """One table and chart from the quality.jsonl of several runs (e.g. one per scale)."""
+    records = [json.loads(line) for d in dirs for line in open(os.path.join(d, "quality.jsonl"))]
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "quality.md"), "w") as f:
+        f.write(table(records) + "\n")
+    draw_chart(records, os.path.join(out, "quality.png"))
+    print(table(records))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lib_unetmods.quality", description=__doc__.split("\n\n")[0])
     ap.add_argument("--all", action="store_true", help="also the extra rows (presets, second settings, hires path)")
-    ap.add_argument("--only", default="", help="only rows whose label or settings contain this text")
+    ap.add_argument("--only", default="", help="only rows whose label or settings contain one of these comma-separated texts")
     ap.add_argument("--exclude", default="", help="leave out rows whose label contains this text")
     ap.add_argument("--scales", default="", help="comma-separated scales to run (1,2,3,hires)")
     ap.add_argument("--seeds", type=int, default=SEEDS, help=f"seeds per row (default {SEEDS})")
@@ -335,12 +359,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", default=proxy_model.WEIGHTS)
     ap.add_argument("--out", default="quality-results", help="folder for the table, JSON lines, chart and pictures")
     ap.add_argument("--json", action="store_true", help="one JSON object per row on stdout")
+    ap.add_argument("--combine", nargs="+", metavar="DIR", help="no sampling: the table and chart of earlier runs' results")
     args = ap.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     scales = {s if s == "hires" else int(s) for s in args.scales.split(",") if s}
     rows = [r for r in ROWS if (args.all or not r.extra) and (not scales or r.scale in scales)
-            and (not args.only or args.only in r.label or args.only in r.mods)
+            and (not args.only or any(o in r.label or o in r.mods for o in args.only.split(",")))
             and (not args.exclude or args.exclude not in r.label)]
     os.makedirs(args.out, exist_ok=True)
     say = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
