@@ -15,6 +15,7 @@ BOOL_FALSE = {"false", "0", "no", "off"}
 INFOTEXT_PREFIX = "UNetMods"
 MESSAGES_KEY = f"{INFOTEXT_PREFIX} messages"  # the run's messages, for API clients (info.extra_generation_params)
 AUTO_VALUES = "auto_values"  # the parameter that picks the recommended values for the model family
+NOT_THIS_PASS = "not applied in this pass"  # a technique's idle() reason for a pass it is off in by choice: never said
 TEXT_FORBIDDEN = set(";=")  # besides whitespace: the canonical text form splits on all three
 
 

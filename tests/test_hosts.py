@@ -57,7 +57,7 @@ def ldm_unet(arch: str) -> torch.nn.Module:
 
 
 def run(host: str, arch: str, text: str, control_scale: float = 0.0, control_active=lambda: True,
-        messages: list[str] | None = None) -> torch.Tensor:
+        messages: list[str] | None = None, idle: bool = False) -> torch.Tensor:
     """Sample STEPS steps on the host with `text` applied, restore, check the restore."""
     base = ldm_unet(arch)
     data = inputs(arch)
@@ -94,7 +94,10 @@ def run(host: str, arch: str, text: str, control_scale: float = 0.0, control_act
     if messages is not None:
         messages.extend(applied.messages)
     for tid in {t.split()[0] for t in text.split(";") if t}:
-        assert tid in applied.applied, applied.messages
+        if idle:  # nothing to do: nothing installed, no key, one message that says why
+            assert tid not in applied.applied and any(m.endswith("nothing to do") for m in applied.messages), applied.messages
+        else:
+            assert tid in applied.applied, applied.messages
     return out
 
 
@@ -155,12 +158,21 @@ def test_with_control_residuals_the_technique_acts_and_residuals_still_apply(key
         assert close(result("forge", "sd15", key, control_scale=0.5), cn)
 
 
-# DeepCache has no neutral setting that installs anything (interval 1 has nothing to do); with
-# control active it runs every step in full, which test_with_control_residuals... checks bit-exactly.
+# Neutral values are "nothing to do" (acts.py): nothing is installed. DeepCache with control active
+# runs every step in full, which test_with_control_residuals... checks bit-exactly.
 @pytest.mark.parametrize("text", ["freeu b1=1 b2=1 s1=1 s2=1", "deepshrink factor=1",
-                                  "hidiffusion auto=false t1=0 msw_msa=false"])
-def test_neutral_technique_under_controlnet_is_controlnet_alone(text):
-    assert torch.equal(run("controlnet", "sd15", text, control_scale=0.5), result("controlnet", "sd15", None, control_scale=0.5))
+                                  "hidiffusion auto=false t1=0 msw_msa=false", "deepcache interval=1",
+                                  "tome ratio=0.5 start=0.9 end=0.95"])
+def test_neutral_technique_under_controlnet_is_idle_and_controlnet_alone(text):
+    assert torch.equal(run("controlnet", "sd15", text, control_scale=0.5, idle=True),
+                       result("controlnet", "sd15", None, control_scale=0.5))
+
+
+def test_installed_hooks_that_change_nothing_keep_controlnet_bit_identical():
+    """Deep Shrink by 1.01 rounds every size back to itself on this latent: its hooks are installed
+    and run at every block, and ControlNet's residuals pass through them unchanged."""
+    assert torch.equal(run("controlnet", "sd15", "deepshrink factor=1.01 end=0.5", control_scale=0.5),
+                       result("controlnet", "sd15", None, control_scale=0.5))
 
 
 def middle_calls(host: str, text: str, **kw) -> list[int]:

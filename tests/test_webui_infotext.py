@@ -140,7 +140,7 @@ def test_hires_pass_is_recorded_by_the_pass_switches(script_module, make_unet):
     # Deep Shrink asked for the hires pass, but its window covers no step of that 2-step pass: the
     # infotext says hires=false (the default, so nothing); HyperTile acted in the hires pass only
     _, _, params = run(unet, script_module, "deepshrink hires=true; hypertile tile_size=128 first_pass=false",
-                       enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2)
+                       enable_hr=True, hr_scale=2, hr_second_pass_steps=2, width=128, height=128)
     assert "Deep Shrink: the window covers no step of this 2-step pass; nothing to do" in messages(params)
     assert params[SPECS["deepshrink"].infotext_key] == "default"
     assert params[SPECS["hypertile"].infotext_key] == "first_pass=false tile_size=128"

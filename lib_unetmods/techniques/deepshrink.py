@@ -179,14 +179,23 @@ def check_blocks(windows: list[Window], umap: Any) -> None:
                           f"(valid input blocks: 1-{last})")
 
 
+def idle(values: dict[str, Any], umap: Any, where: Any) -> str | None:
+    """Nothing to do at factor 1 or when no window covers a step; Refused for a missing block."""
+    windows = windows_of(values)
+    if umap is not None:
+        check_blocks(windows, umap)
+    if values["factor"] == 1:
+        return "a downscale factor of 1 keeps every size"
+    if where.clock is not None and not any(window_steps(w, where.clock) for w in windows):
+        return f"the window covers no step of this {where.clock.total_steps}-step pass"
+    return None
+
+
 def apply(ctx: Any, values: dict[str, Any]) -> None:
     if not runs_in_pass(values, ctx.hires):
         return
     windows = windows_of(values)
     check_blocks(windows, ctx.map)
-    if not any(window_steps(w, ctx.clock) for w in windows):
-        ctx.warn(f"the window covers no step of this {ctx.clock.total_steps}-step pass; nothing to do")
-        return
     clock = ctx.clock
     down, up = values["downscale_method"], values["upscale_method"]
 

@@ -176,8 +176,11 @@ class _LatentSize:
 
     def __init__(self) -> None:
         self.hw: tuple[int, int] | None = None
+        self.calls = 0  # UNet calls seen, and layer calls that were cut into more than one tile
+        self.tiled = 0
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.calls += 1
         x = args[0] if args else kwargs.get("x")
         self.hw = tuple(x.shape[-2:]) if isinstance(x, torch.Tensor) and x.ndim == 4 else None
 
@@ -193,6 +196,8 @@ def _tiled_forward(original: Callable[..., torch.Tensor], depth: int, size: _Lat
         min_tile = latent_tile_size(size.hw[1] * 8, size.hw[0] * 8, values["tile_size"]) * 2 ** depth
         nh = random_divisor(h, min_tile, values["swap_size"], rng)
         nw = random_divisor(w, min_tile, values["swap_size"], rng)
+        if nh * nw > 1:
+            size.tiled += 1
         return tiled(original, x, h, w, nh, nw, *args, **kwargs)
 
     return forward
@@ -200,6 +205,29 @@ def _tiled_forward(original: Callable[..., torch.Tensor], depth: int, size: _Lat
 
 def runs_in_pass(values: dict[str, Any], hires: bool) -> bool:
     return values["hires" if hires else "first_pass"]
+
+
+def splits(values: dict[str, Any], depth: int, level: int, hw: tuple[int, int]) -> bool:
+    """Whether a layer at `depth` on resolution `level` can be cut into more than one tile for a
+    latent of hw (the candidates of both sides; the random draw picks among them)."""
+    h, w = (-(-side // 2 ** level) for side in hw)
+    min_tile = latent_tile_size(hw[1] * 8, hw[0] * 8, values["tile_size"]) * 2 ** depth
+    return any(max(tile_counts(side, min_tile, values["swap_size"])) > 1 for side in (h, w))
+
+
+def split_levels(umap: UNetMap, values: dict[str, Any], hw: tuple[int, int] | None) -> set[int]:
+    """Resolution levels where some wrapped layer splits (every wrapped level where hw is unknown)."""
+    return {a.level for a, d in depth_layers(umap, values["max_depth"]) if hw is None or splits(values, d, a.level, hw)}
+
+
+def idle(values: dict[str, Any], umap: UNetMap | None, where: Any) -> str | None:
+    if umap is None:
+        return None
+    if not depth_layers(umap, values["max_depth"]):
+        return f"no self-attention layer at depth <= {values['max_depth']} in this {umap.family} UNet"
+    if where.hw is not None and not split_levels(umap, values, where.hw):
+        return f"no layer splits into tiles at {where.hw[1] * 8}x{where.hw[0] * 8} (every tile would be the whole layer)"
+    return None
 
 
 def apply(ctx: Any, values: dict[str, Any]) -> None:
@@ -215,3 +243,4 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
     for layer, depth in layers:
         module = layer.module
         ctx.patcher.set_attr(module, "forward", _tiled_forward(module.forward, depth, size, values, rng), ctx.technique)
+    ctx.idle_after(lambda: "no layer was split into tiles in this pass" if size.calls and not size.tiled else None)
