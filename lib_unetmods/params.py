@@ -188,8 +188,8 @@ class TechniqueSpec:
             if token == "default":
                 continue
             name, sep, raw = token.partition("=")
-            if not sep:
-                errors.append(f"{self.id}: cannot read {token!r} (expected name=value)")
+            if not sep or not name:
+                errors.append(f"{self.id}: malformed text {token!r} (expected name=value)")
                 continue
             changes[name] = raw
         self.update(values, changes, errors)

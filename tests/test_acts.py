@@ -146,3 +146,34 @@ def test_preview_and_run_share_hidiffusion_schedule_with_inpainting(make_unet, m
     monkeypatch.setattr(hidiffusion, "pass_schedule", lambda *a, **k: seen.append(original(*a, **k)) or seen[-1])
     compute(settings, image, None, umap)
     assert seen and all(s == expected for s in seen)  # the preview asks the one function the run's hook calls
+
+
+# --- messages of a pasted infotext reach the generation's messages ------------------------------
+
+def paste_and_generate(unet, script_module, line, times=1):
+    """As the API's `infotext` field (and a UI paste, then Generate): the paste functions fill the
+    script's arguments (modules/api/api.py apply_infotext -> get_field_value), then it generates."""
+    runner, inputs = make_runner(script_module)
+    script = runner.alwayson_scripts[0]
+    pasted = infotext_utils.paste(script.infotext_fields, infotext_utils.parse_generation_parameters(line))
+    args = [None] + [pasted.get(c, c.value) for c in inputs[script.args_from:script.args_to]]
+    out = []
+    for _ in range(times):
+        p = txt2img(unet, runner, args, steps=2, width=64, height=64)
+        out.append(infotext_utils.parse_generation_parameters(processing.process_images(p).infotexts[0]))
+    return out
+
+
+def test_pasted_problems_reach_the_messages_once(script_module, make_unet):
+    first, second = paste_and_generate(make_unet("sd15"), script_module,
+                                       'Steps: 2, UNetMods freeu v1: "b1=banana s1=0.5", UNetMods nosuch v1: a=1', times=2)
+    assert sum("pasted infotext: freeu.b1" in m and "banana" in m for m in said(first)) == 1
+    assert sum("'UNetMods nosuch v1': unknown technique" in m for m in said(first)) == 1
+    assert first[key("freeu")] == "s1=0.5"  # the rest applied
+    assert not any("pasted infotext" in m for m in said(second))  # the next generation is not blamed for the paste
+
+
+def test_a_malformed_value_is_named_malformed(script_module, make_unet):
+    (params,) = paste_and_generate(make_unet("sd15"), script_module, "Steps: 2, UNetMods freeu v1: ====;;;")
+    assert any("freeu: malformed text '====;;;'" in m for m in said(params)), said(params)
+    assert not any("unknown parameter ''" in m for m in said(params))
