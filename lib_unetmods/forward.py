@@ -61,7 +61,9 @@ class UNetCall:
     skips: list[torch.Tensor | None] = field(default_factory=list)
     shapes: dict[tuple[str, int], torch.Size] = field(default_factory=dict)  # output shape of each block run
     next_skip_size: tuple[int, ...] | None = None  # skip size of the next output block's concat
-    residuals: bool = False  # a skip reached its concat changed: the host adds residuals (ControlNet)
+    # the host adds residuals: a skip reached its concat changed (ControlNet), or h reached the next
+    # block as another tensor than the block returned (sd-webui-controlnet's T2I-Adapters)
+    residuals: bool = False
     # a hook resized the features (Deep Shrink): every Upsample is ldm's plain x2 (Forge's would go
     # to the next skip's shape by nearest), and the to_skip hooks resize h, so all hosts agree
     x2_upsample: bool = False
@@ -158,6 +160,14 @@ class ForwardHooks:
         if residuals and residuals[-1] is not None and residuals[-1].shape[-2:] != like.shape[-2:]:
             residuals[-1] = F.interpolate(residuals[-1], size=tuple(like.shape[-2:]), mode="nearest")
 
+    @staticmethod
+    def _see_host_add(call: UNetCall, h: torch.Tensor) -> None:
+        """Every host passes a block's output to the next block as is, unless it adds to it between
+        them: sd-webui-controlnet's T2I-Adapters add their residuals after input blocks 2, 5, 8, 11
+        (`aligned_adding` makes a new tensor). Forge adds in place, but passes `control` (call.control)."""
+        if not call.residuals and call.skips and h is not call.skips[-1]:
+            call.residuals = True
+
     def _after_skip(self, i: int, h: torch.Tensor, call: UNetCall) -> torch.Tensor:
         for fn in self.lists["after_skip"]:
             h = fn(i, h, call)
@@ -199,6 +209,7 @@ class ForwardHooks:
                 return inner(h, *args, **kwargs)
             if i == 0:
                 call.skips.clear()
+            self._see_host_add(call, h)
             if call.shortcut is not None and i > call.shortcut.last_input:
                 h = self._placeholder(call, ("input", i))
             else:
@@ -219,6 +230,7 @@ class ForwardHooks:
             call = self.current
             if call is None:
                 return inner(h, *args, **kwargs)
+            self._see_host_add(call, h)
             if call.shortcut is not None:
                 return self._placeholder(call, ("middle", 0))
             h = self._after_skip(len(call.skips) - 1, h, call)

@@ -57,7 +57,7 @@ def ldm_unet(arch: str) -> torch.nn.Module:
 
 
 def run(host: str, arch: str, text: str, control_scale: float = 0.0, control_active=lambda: True,
-        messages: list[str] | None = None, idle: bool = False) -> torch.Tensor:
+        messages: list[str] | None = None, idle: bool = False, adapter: bool = False) -> torch.Tensor:
     """Sample STEPS steps on the host with `text` applied, restore, check the restore."""
     base = ldm_unet(arch)
     data = inputs(arch)
@@ -69,7 +69,7 @@ def run(host: str, arch: str, text: str, control_scale: float = 0.0, control_act
     before = snapshot(unet)
     cn = None
     if host == "controlnet":
-        cn = ControlNetHook(base, scale=control_scale, active=control_active)
+        cn = ControlNetHook(base, scale=control_scale, active=control_active, adapter=adapter)
         cn.hook()
     applied = apply_mods(unet, Settings.from_text(text, strict=True) if text else Settings(), clock, seed=5,
                          latent_shape=(1, 4, *SIZE))
@@ -77,7 +77,8 @@ def run(host: str, arch: str, text: str, control_scale: float = 0.0, control_act
         if patcher is not None:
             control = None
             if host.startswith("forge") and control_scale:
-                control = forge.control_from(ControlNetHook(base, scale=control_scale, active=control_active).residuals)
+                unit = ControlNetHook(base, scale=control_scale, active=control_active, adapter=adapter)
+                control = forge.control_from(unit.residuals, unit.injection_blocks() if adapter else None)
             out = forge.sample(patcher, data["noise"], data["cond"], data["uncond"], STEPS, clock,
                                split=host == "forge_split", control=control, y=data["y"], y_uncond=data["y_uncond"])
         else:
@@ -201,6 +202,38 @@ def test_deepcache_runs_full_steps_while_control_is_active():
     assert len(middle_calls("controlnet", "deepcache interval=2", control_scale=0.5, control_active=first_two_steps)) == 3
     assert len(middle_calls("forge", "deepcache interval=2", control_scale=0.5)) == 4
     assert len(middle_calls("forge_split", "deepcache interval=2")) == 4  # two calls per step, each cheap on 1 and 3
+
+
+# --- T2I-Adapters: residuals on h after input blocks 2, 5, 8, 11 (SD1) ----------------------------
+
+def test_deepcache_runs_full_steps_while_an_adapter_adds_residuals():
+    """The adapter changes h between input blocks, not the shallow skip a level-0 cache compares:
+    every step still runs in full on A1111 + sd-webui-controlnet and on Forge (control["input"])."""
+    assert len(middle_calls("controlnet", "deepcache interval=2", control_scale=0.5, adapter=True)) == 4
+    assert len(middle_calls("forge", "deepcache interval=2", control_scale=0.5, adapter=True)) == 4
+    assert torch.equal(run("controlnet", "sd15", "deepcache interval=2", control_scale=0.5, adapter=True),
+                       run("controlnet", "sd15", "", control_scale=0.5, adapter=True))
+
+
+@pytest.mark.parametrize("key", ["tome", "hypertile", "scalecrafter", "deepshrink", "hidiffusion", "freeu", "cdtuner"])
+def test_with_adapter_residuals_the_technique_acts_and_the_hosts_agree(key):
+    """Every technique with a T2I-Adapter unit: it acts, the adapter's residuals still apply, and
+    Forge's control["input"] gives A1111 + ControlNet's result (where a technique resizes the
+    features, Forge's input residuals are resized to them as sd-webui-controlnet's aligned_adding does)."""
+    text = ACTIVE[key]
+    cn = run("controlnet", "sd15", text, control_scale=0.5, adapter=True)
+    assert not close(cn, result("a1111", "sd15", key)), "adapter residuals lost"
+    assert not close(cn, run("controlnet", "sd15", "", control_scale=0.5, adapter=True)), "technique lost"
+    assert close(run("forge", "sd15", text, control_scale=0.5, adapter=True), cn)
+
+
+def test_forge_input_residuals_follow_deep_shrink_after_the_skip():
+    """Deep Shrink after block 3's skip shrinks what block 4 gets: the adapter's residual of block 5
+    must be resized to it (Forge alone would print a warning and drop it)."""
+    text = "deepshrink block=3 end=1 after_skip=true"
+    cn = run("controlnet", "sd15", text, control_scale=0.5, adapter=True)
+    assert close(run("forge", "sd15", text, control_scale=0.5, adapter=True), cn)
+    assert not close(run("forge", "sd15", text), cn)
 
 
 # --- leftovers and restore order ----------------------------------------------------------------

@@ -257,15 +257,23 @@ def sample(patcher: UnetPatcher, noise: torch.Tensor, cond: torch.Tensor, uncond
     return x
 
 
-def control_from(residuals: Callable[..., list[Any]]) -> Callable[..., dict[str, list[Any]]]:
+def control_from(residuals: Callable[..., list[Any]], adapter_blocks: list[int] | None = None) -> Callable[..., dict[str, list[Any]]]:
     """Forge's ControlNet `get_control`: a fresh dict of residual lists per UNet call (the forward
-    pops them), skips in input order under "output", the middle one under "middle"."""
+    pops them), skips in input order under "output", the middle one under "middle". With
+    `adapter_blocks`, a T2I-Adapter (backend/patcher/controlnet.py `T2IAdapter.get_control` and
+    `control_merge`): its features fill `control["input"]`, one entry per input block (None where
+    it injects nothing), stored reversed so that the forward's `pop()` after input block i gives
+    block i's; the middle gets the rest (SDXL) and "output" is empty."""
     def get_control(x: torch.Tensor, timestep: torch.Tensor, c: dict[str, Any]) -> dict[str, list[Any]]:
         t = torch.tensor([sigma_to_t(float(v)) for v in timestep], device=x.device)
         s = timestep.view(-1, 1, 1, 1)
         outs = residuals(x / (s ** 2 + 1) ** 0.5, t, c["c_crossattn"], c.get("y"))
         outs = [None if isinstance(o, float) else o for o in outs]
-        return {"input": [], "middle": [outs[-1]], "output": outs[:-1]}
+        if adapter_blocks is None:
+            return {"input": [], "middle": [outs[-1]], "output": outs[:-1]}
+        inputs = [outs[i] if i in adapter_blocks else None for i in range(len(outs) - 1)]
+        sdxl = c.get("y") is not None
+        return {"input": inputs[::-1], "middle": [outs[-1] if sdxl else None], "output": []}
 
     return get_control
 
