@@ -108,13 +108,13 @@ def finish_pass(p: Any, generation: Generation) -> None:
         return
     idle = applied.idle_after_pass()
     applied.after_pass.clear()  # once per pass (Forge calls the hires setup twice)
-    if not idle:
-        return
     hires = generation.clock.hires
     for tid in idle:
         generation.ran.get(hires, {}).pop(tid, None)
-    generation.report(p, idle.values())
-    write_infotext(p, ran_infotext(generation.ran), generation)
+    said = len(generation.messages)
+    generation.report(p, [*applied.messages, *idle.values()])  # also what the hooks said while sampling
+    if idle or len(generation.messages) > said:
+        write_infotext(p, ran_infotext(generation.ran), generation)
 
 
 def host_unet(p: Any) -> nn.Module | None:

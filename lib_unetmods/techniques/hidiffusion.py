@@ -431,6 +431,14 @@ def _apply_msw_msa(ctx: Any, values: dict[str, Any]) -> None:
         sizes[id(module)] = tuple(args[0].shape[-2:])
 
     hooked: set[int] = set()
+    messages = ctx.messages  # reported again after the pass (host.finish_pass)
+
+    def yielded() -> None:
+        message = (f"{SPEC.title}: another extension gives self-attention a context (e.g. a Forge attn1_patch): "
+                   "MSW-MSA yields to it on those calls")
+        if message not in messages:
+            messages.append(message)
+
     for index, layer in enumerate(msw_layers(ctx.map)):
         attn = layer.module
         if "forward" in attn.__dict__:
@@ -440,17 +448,19 @@ def _apply_msw_msa(ctx: Any, values: dict[str, Any]) -> None:
         if id(transformer) not in hooked:
             ctx.patcher.add_handle(transformer.register_forward_pre_hook(record_size), ctx.technique)
             hooked.add(id(transformer))
-        forward = _msw_forward(attn, index, lambda t=transformer: sizes.get(id(t)), clock, seed, values)
+        forward = _msw_forward(attn, index, lambda t=transformer: sizes.get(id(t)), clock, seed, values, yielded)
         ctx.patcher.set_attr(attn, "forward", forward, ctx.technique)
 
 
 def _msw_forward(attn: nn.Module, index: int, size: Callable[[], tuple[int, int] | None], clock: Any, seed: int,
-                 values: dict[str, Any]) -> Callable[..., torch.Tensor]:
+                 values: dict[str, Any], yielded: Callable[[], None] = lambda: None) -> Callable[..., torch.Tensor]:
     def own(x: torch.Tensor, context: Any = None, mask: Any = None, **kwargs: Any) -> torch.Tensor:
         return type(attn).forward(attn, x, context=context, mask=mask, **kwargs)  # the host's attention kernel
 
     def forward(x: torch.Tensor, context: Any = None, mask: Any = None, **kwargs: Any) -> torch.Tensor:
         hw = size()
+        if context is not None:
+            yielded()
         if (context is not None or mask is not None or hw is None or min(hw) < 2
                 or x.shape[1] != hw[0] * hw[1] or not msw_active(values, clock)):
             return own(x, context, mask, **kwargs)  # merged tokens (ToMe), cross-attention or outside the window

@@ -163,11 +163,6 @@ def depth_layers(umap: UNetMap, max_depth: int = 3) -> list[tuple[AttentionLayer
     return [(a, d) for a, d in found if d is not None and d <= max_depth]
 
 
-def tiled_levels(umap: UNetMap, max_depth: int) -> set[int]:
-    """Resolution levels where HyperTile wraps attn1 (for the composition rules)."""
-    return {a.level for a, _ in depth_layers(umap, max_depth)}
-
-
 # --- wiring ------------------------------------------------------------------------------
 
 class _LatentSize:
@@ -176,8 +171,18 @@ class _LatentSize:
 
     def __init__(self) -> None:
         self.hw: tuple[int, int] | None = None
-        self.calls = 0  # UNet calls seen, and layer calls that were cut into more than one tile
+        self.calls = 0  # UNet calls seen, layer calls cut into more than one tile, layer calls left to another patch
         self.tiled = 0
+        self.yielded = 0
+
+    def idle(self) -> str | None:
+        """After the pass: why no layer was tiled (None when one was, or no call ran)."""
+        if not self.calls or self.tiled:
+            return None
+        if self.yielded:
+            return ("another extension gives self-attention a context (e.g. a Forge attn1_patch): HyperTile yields "
+                    "to it and tiled no layer")
+        return "no layer was split into tiles in this pass"
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.calls += 1
@@ -189,6 +194,8 @@ def _tiled_forward(original: Callable[..., torch.Tensor], depth: int, size: _Lat
                    rng: random.Random) -> Callable[..., torch.Tensor]:
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         cross = any(a is not None for a in args) or any(kwargs.get(k) is not None for k in ("context", "value", "mask"))
+        if cross:  # self-attention given a context: another extension's patch (Forge's attn1_patch) owns it
+            size.yielded += 1
         grid = None if size.hw is None or x.ndim != 3 or cross else layer_grid(x.shape[1], *size.hw)
         if grid is None:  # not plain self-attention on a spatial grid: leave it whole
             return original(x, *args, **kwargs)
@@ -243,4 +250,4 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
     for layer, depth in layers:
         module = layer.module
         ctx.patcher.set_attr(module, "forward", _tiled_forward(module.forward, depth, size, values, rng), ctx.technique)
-    ctx.idle_after(lambda: "no layer was split into tiles in this pass" if size.calls and not size.tiled else None)
+    ctx.idle_after(size.idle)
