@@ -311,11 +311,13 @@ _pasted: list[tuple[Settings, list[str]]] = []  # the last paste's settings and 
 
 
 def take_paste_problems(settings: Settings) -> list[str]:
-    """The problems of the last paste (UI or the API's `infotext` field), for the first generation
-    that runs its settings, so they reach that generation's messages (infotext, API response); once."""
-    if _pasted and _pasted[0][0] == settings:
-        return _pasted.pop()[1]
-    return []
+    """The problems of the last paste (UI or the API's `infotext` field), for the next generation
+    if it runs the pasted settings, so they reach its messages (infotext, API response). Taken by
+    the next generation either way: a later one is never blamed for an old paste."""
+    if not _pasted:
+        return []
+    pasted, problems = _pasted.pop()
+    return problems if pasted == settings else []
 
 
 @functools.lru_cache(maxsize=None)
