@@ -252,7 +252,7 @@ def test_deepcache_runs_full_steps_while_control_is_active():
 
 # --- Forge's other batch layouts: CFG 1 (cond rows only) and AND-prompts (one chunk per cond) -----
 
-@pytest.mark.parametrize("layout", ["cfg1", "and"])
+@pytest.mark.parametrize("layout", ["cfg1", "and", "area"])
 @pytest.mark.parametrize("key", list(ACTIVE))
 def test_every_technique_with_forges_cfg1_and_and_prompt_chunks(key, layout):
     """Every technique runs on these layouts, acts (unless it needs uncond rows: NDCFG and the

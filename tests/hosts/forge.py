@@ -14,7 +14,8 @@ backend/sampling/sampling_function.py; read, not copied).
   input/output block patches (`set_model_input_block_patch[_after_skip]`, `set_model_output_block_patch`), post-CFG functions; `clone()` deep-copies model_options as Forge's does.
 - `sample()`: Forge's batch layout: the uncond chunk before the cond chunk in one call, or one
   call per chunk (`split`); `layout="cfg1"` (CFG scale 1: cond rows only) and `layout="and"` (an
-  AND-prompt: one chunk per cond, `cond_or_uncond` [1, 0, 0]), each with `transformer_options` carrying `cond_or_uncond`,
+  AND-prompt: one chunk per cond, `cond_or_uncond` [1, 0, 0]) and `layout="area"` (an area prompt:
+  its cond runs in its own call on input_x cropped to the area), each with `transformer_options` carrying `cond_or_uncond`,
   `cond_indices`, `uncond_indices`, `sigmas`; `KModel.apply_model` scaling (the UNet output is
   turned into the denoised latent) and CFG on the denoised latents; the clock is advanced per step
   and given no batch layout (Forge's cfg-denoiser callback sees the undoubled x).
@@ -34,6 +35,12 @@ from lib_unetmods.lab.sampler import sd_sigmas, sigma_to_t
 
 COND, UNCOND = 0, 1
 AND_COND = 2  # the stand-in's second cond of an AND-prompt (Forge marks it 0, like every cond)
+AREA_COND = 3  # a cond with an area: Forge crops input_x to it (sampling_function.get_area_and_mult)
+
+
+def _crop(x: torch.Tensor) -> torch.Tensor:
+    """The area of the stand-in's area prompt: the top-left quarter, as Forge crops input_x to an area."""
+    return x[..., : x.shape[-2] // 2, : x.shape[-1] // 2]
 
 
 def apply_control(h: torch.Tensor, control: dict[str, list[Any]] | None, name: str) -> torch.Tensor:
@@ -228,8 +235,11 @@ def calc_cond_uncond_batch(patcher: UnetPatcher, cond: torch.Tensor, uncond: tor
     uncond prediction is then unused). "and": an AND-prompt, each cond its own chunk, packed in one
     call (`cond_or_uncond` [1, 0, 0]); the conds' predictions are averaged (equal weights)."""
     model, options = patcher.model, patcher.model_options
-    chunks = {COND: (cond, y), UNCOND: (uncond, y if y_uncond is None else y_uncond), AND_COND: (cond.flip(1), y)}
-    if layout == "cfg1":
+    chunks = {COND: (cond, y), UNCOND: (uncond, y if y_uncond is None else y_uncond), AND_COND: (cond.flip(1), y),
+              AREA_COND: (cond.flip(1), y)}
+    if layout == "area":  # an area prompt: its chunk has another input shape, so it runs in its own call
+        batches = [[UNCOND, COND], [AREA_COND]]
+    elif layout == "cfg1":
         batches = [[COND]]
     elif layout == "and":
         batches = [[UNCOND], [COND], [AND_COND]] if split else [[UNCOND, COND, AND_COND]]
@@ -239,7 +249,8 @@ def calc_cond_uncond_batch(patcher: UnetPatcher, cond: torch.Tensor, uncond: tor
     for chunk_ids in batches:
         cond_or_uncond = [UNCOND if k == UNCOND else COND for k in chunk_ids]
         n = len(cond_or_uncond)
-        input_x = torch.cat([x] * n)
+        area = chunk_ids == [AREA_COND]
+        input_x = torch.cat([_crop(x) if area else x] * n)
         timestep = torch.cat([sigma] * n)
         to = dict(options["transformer_options"])
         to["cond_or_uncond"] = cond_or_uncond[:]
@@ -259,6 +270,10 @@ def calc_cond_uncond_batch(patcher: UnetPatcher, cond: torch.Tensor, uncond: tor
             out[k] = o
     if layout == "and":
         out[COND] = (out[COND] + out[AND_COND]) / 2
+    if layout == "area":  # the area's prediction averaged in where it covers (Forge: out_cond += o * mult; / counts)
+        h, w = out[AREA_COND].shape[-2:]
+        out[COND] = out[COND].clone()
+        out[COND][..., :h, :w] = (out[COND][..., :h, :w] + out[AREA_COND]) / 2
     return out[COND], out.get(UNCOND, out[COND])
 
 
