@@ -6,8 +6,9 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
+from .acts import PassInfo, idle_reason, say_idle
 from .clock import StepClock
-from .composition import PassInfo, resolve_conflicts
+from .composition import resolve_conflicts
 from .forward import ForwardHooks, Refused, install_forward
 from .patcher import Patcher, restore_model
 from .settings import Settings
@@ -30,7 +31,17 @@ class ApplyContext:
     base_shape: tuple[int, ...] | None = None  # in the hires pass: the first pass's latent shape
     messages: list[str] = field(default_factory=list)
     technique: str = ""
+    after_pass: dict[str, Callable[[], str | None]] = field(default_factory=dict)
     _hooks: ForwardHooks | None = None
+
+    @property
+    def pass_info(self) -> PassInfo:
+        return PassInfo(self.clock, self.latent_shape, self.map.family)
+
+    def idle_after(self, check: Callable[[], str | None]) -> None:
+        """What only sampling shows: after the pass, `check()` says why the current technique did
+        nothing after all (None: it acted, or no UNet call ran). See `Applied.idle_after_pass`."""
+        self.after_pass[self.technique] = check
 
     @property
     def unet(self) -> nn.Module:
@@ -62,10 +73,21 @@ class Applied:
     messages: list[str]
     applied: list[str] = field(default_factory=list)  # technique ids that installed something: they act
     settings: Settings | None = None  # the values used: auto values resolved, composition rules applied
+    after_pass: dict[str, Callable[[], str | None]] = field(default_factory=dict)
 
     def restore(self) -> None:
         if self.patcher is not None:
             self.patcher.restore()
+
+    def idle_after_pass(self) -> dict[str, str]:
+        """Call once the pass sampled: the applied techniques that changed nothing after all
+        (e.g. DeepCache with residuals at every step), with the message that says why."""
+        out = {}
+        for tid, check in self.after_pass.items():
+            reason = check() if tid in self.applied else None
+            if reason is not None:
+                out[tid] = say_idle(SPECS[tid].title, reason) or reason
+        return out
 
 
 def apply_mods(unet: nn.Module, settings: Settings, clock: StepClock, *, seed: int = 0,
@@ -81,7 +103,8 @@ def apply_mods(unet: nn.Module, settings: Settings, clock: StepClock, *, seed: i
         umap = map_unet(unet)
     except UnsupportedModel as e:
         return Applied(None, messages + [f"UNet Mods skipped: {e}"])
-    settings, notes = resolve_conflicts(settings.with_family_values(umap.family), umap, PassInfo(clock, latent_shape))
+    where = PassInfo(clock, latent_shape, umap.family)
+    settings, notes = resolve_conflicts(settings.with_family_values(umap.family), umap, where)
     messages += notes
     patcher = Patcher(unet)
     ctx = ApplyContext(umap, patcher, clock, seed=seed, latent_shape=latent_shape, vae=vae, prediction=prediction,
@@ -94,6 +117,10 @@ def apply_mods(unet: nn.Module, settings: Settings, clock: StepClock, *, seed: i
         ctx.technique = tid
         changes, said = len(patcher), len(ctx.messages)
         try:
+            reason = idle_reason(tid, settings[tid], umap, where)
+            if reason is not None:  # nothing to do: nothing installed, said once
+                ctx.messages += [m for m in [say_idle(technique.SPEC.title, reason)] if m and m not in ctx.messages]
+                continue
             with patcher.transaction():
                 technique.apply(ctx, settings[tid])
         except Refused as e:
@@ -102,4 +129,4 @@ def apply_mods(unet: nn.Module, settings: Settings, clock: StepClock, *, seed: i
             continue
         if len(patcher) > changes:  # a technique that returned with "nothing to do" installed nothing
             applied.append(tid)
-    return Applied(patcher if patcher.active else None, ctx.messages, applied, settings)
+    return Applied(patcher if patcher.active else None, ctx.messages, applied, settings, ctx.after_pass)

@@ -11,12 +11,12 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from .clock import StepClock
+from .acts import PassInfo, idle_reason
 from .forward import Refused
 from .settings import Settings
-from .techniques import TECHNIQUES, deepcache, deepshrink, hidiffusion, scalecrafter, tome
+from .techniques import hidiffusion, tome
 from .techniques.hidiffusion import msw_level, pool_pair, rau_pair
-from .techniques.hypertile import tiled_levels
+from .techniques.hypertile import split_levels
 from .unet_map import UNetMap
 
 
@@ -24,18 +24,9 @@ from .unet_map import UNetMap
 class Rule:
     techniques: tuple[str, str]
     policy: str  # one sentence for the README and the message
-    applies: Callable[[Settings, UNetMap], bool]
+    applies: Callable[[Settings, UNetMap, PassInfo], bool]
     resolve: Callable[[Settings, UNetMap], None]
     parts: tuple[str, ...] = ()  # parts that must act as well, e.g. "hidiffusion.rau_net"
-
-
-@dataclass(frozen=True)
-class PassInfo:
-    """What is known about the pass before it starts; None where unknown (then a technique is
-    assumed to act)."""
-
-    clock: StepClock | None = None
-    latent_shape: tuple[int, ...] | None = None
 
 
 def _turn_off(tid: str, param: str = "enabled") -> Callable[[Settings, UNetMap], None]:
@@ -47,11 +38,11 @@ def tome_max_level(values: dict, family: str) -> int:
     return tome.resolve_max_downsample(values["max_downsample"], family).bit_length() - 1
 
 
-def _tome_hypertile_overlap(settings: Settings, umap: UNetMap) -> bool:
+def _tome_hypertile_overlap(settings: Settings, umap: UNetMap, where: PassInfo) -> bool:
     ht, tome = settings["hypertile"], settings["tome"]
-    if not (tome["merge_attn"] and (ht["first_pass"] or ht["hires"])):
+    if not tome["merge_attn"]:
         return False
-    return any(level <= tome_max_level(tome, umap.family) for level in tiled_levels(umap, ht["max_depth"]))
+    return any(level <= tome_max_level(tome, umap.family) for level in split_levels(umap, ht, where.hw))
 
 
 _TOME = (
@@ -72,11 +63,11 @@ _SCALECRAFTER = (
     Rule(("scalecrafter", "deepshrink"),
          "ScaleCrafter and Deep Shrink both correct the deep blocks for the large size (dilating vs shrinking): "
          "Deep Shrink is turned off while ScaleCrafter acts.",
-         lambda settings, umap: True, _turn_off("deepshrink")),
+         lambda settings, umap, where: True, _turn_off("deepshrink")),
     Rule(("scalecrafter", "hidiffusion"),
          "ScaleCrafter and HiDiffusion's RAU-Net both correct the deep blocks for the large size (dilating vs resizing): "
          "RAU-Net is turned off while ScaleCrafter acts.",
-         lambda settings, umap: True, _turn_off("hidiffusion", "rau_net"), parts=("hidiffusion.rau_net",)),
+         lambda settings, umap, where: True, _turn_off("hidiffusion", "rau_net"), parts=("hidiffusion.rau_net",)),
 )
 
 
@@ -86,12 +77,12 @@ def _msw_level(settings: Settings, umap: UNetMap) -> int | None:
     return msw_level(umap) if settings["hidiffusion"]["msw_msa"] else None
 
 
-def _hypertile_overlaps_msw(settings: Settings, umap: UNetMap) -> bool:
+def _hypertile_overlaps_msw(settings: Settings, umap: UNetMap, where: PassInfo) -> bool:
     level = _msw_level(settings, umap)
-    return level is not None and level in tiled_levels(umap, settings["hypertile"]["max_depth"])
+    return level is not None and level in split_levels(umap, settings["hypertile"], where.hw)
 
 
-def _tome_overlaps_msw(settings: Settings, umap: UNetMap) -> bool:
+def _tome_overlaps_msw(settings: Settings, umap: UNetMap, where: PassInfo) -> bool:
     level = _msw_level(settings, umap)
     tome = settings["tome"]
     return level is not None and bool(tome["merge_attn"]) and level <= tome_max_level(tome, umap.family)
@@ -100,7 +91,7 @@ def _tome_overlaps_msw(settings: Settings, umap: UNetMap) -> bool:
 _HIDIFFUSION = (
     Rule(("hidiffusion", "deepshrink"),
          "HiDiffusion RAU-Net and Deep Shrink both resize the deep features: Deep Shrink wins, RAU-Net is off.",
-         lambda s, m: True, _turn_off("hidiffusion", "rau_net"), parts=("hidiffusion.rau_net",)),
+         lambda s, m, w: True, _turn_off("hidiffusion", "rau_net"), parts=("hidiffusion.rau_net",)),
     Rule(("hidiffusion", "hypertile"),
          "HyperTile and HiDiffusion MSW-MSA would both tile the same self-attention layers: HyperTile wins, MSW-MSA is "
          "off.",
@@ -139,83 +130,40 @@ _DEEPCACHE = (
     Rule(("deepcache", "deepshrink"),
          "DeepCache's cache level reaches the block Deep Shrink resizes after: the level is lowered below that block "
          "so a cached tensor always has the size the cheap step expects.",
-         lambda s, m: s["deepcache"]["level"] >= _shrink_block(s, m), _cap_cache_level(_shrink_block)),
+         lambda s, m, w: s["deepcache"]["level"] >= _shrink_block(s, m), _cap_cache_level(_shrink_block)),
     Rule(("deepcache", "hidiffusion"),
          "DeepCache's cache level reaches the blocks HiDiffusion resizes: the level is lowered below them so a cached "
          "tensor always has the size the cheap step expects.",
-         lambda s, m: s["deepcache"]["level"] >= _hidiffusion_block(s, m),
+         lambda s, m, w: s["deepcache"]["level"] >= _hidiffusion_block(s, m),
          _cap_cache_level(_hidiffusion_block), parts=("hidiffusion.rau_net",)),
 )
 
 RULES: tuple[Rule, ...] = (*_TOME, *_SCALECRAFTER, *_HIDIFFUSION, *_DEEPCACHE)
 
 
-_PASS_RULES = {module.SPEC.id: module.runs_in_pass for module in TECHNIQUES if hasattr(module, "runs_in_pass")}
-
-
-def _runs_in_pass(tid: str, values: dict, clock: StepClock | None) -> bool:
-    """The technique's own rule for which passes it runs in (its hires / first-pass boxes);
-    without a clock, either pass counts."""
-    runs = _PASS_RULES.get(tid)
-    if runs is None:
-        return True
-    return runs(values, clock.hires) if clock is not None else runs(values, False) or runs(values, True)
-
-
-def _scalecrafter_acts(values: dict, umap: UNetMap, where: PassInfo) -> bool:
-    if where.latent_shape is None:
-        return True
-    return scalecrafter.plan_for(umap, values, tuple(where.latent_shape[-2:])).active
-
-
-def _deepshrink_acts(values: dict, umap: UNetMap, where: PassInfo) -> bool:
-    windows = deepshrink.windows_of(values)
-    try:
-        deepshrink.check_blocks(windows, umap)
-    except Refused:
-        return False
-    return where.clock is None or any(deepshrink.window_steps(w, where.clock) for w in windows)
-
-
-def _rau_net_acts(values: dict, umap: UNetMap, where: PassInfo) -> bool:
-    if not values["rau_net"] or umap.family not in hidiffusion.DEFAULT_BLOCKS:
-        return False
-    if where.latent_shape is None or where.clock is None:
-        return True
-    inpainting = getattr(umap.unet, "in_channels", 4) == 9
-    sched = hidiffusion.schedule(umap.family, values, *where.latent_shape[-2:], where.clock.total_steps, inpainting)
-    return any(end > start for start, end in (sched.rad, sched.pool))
-
-
-def _tome_acts(values: dict, umap: UNetMap, where: PassInfo) -> bool:
-    hires = where.clock is not None and where.clock.hires
-    ratio = (values["hr_ratio"] or values["ratio"]) if hires else values["ratio"]
-    return ratio > 0 and any(values[flag] for flag, _ in tome.SITES)
-
-
-_ACTS: dict[str, Callable[[dict, UNetMap, PassInfo], bool]] = {
-    "tome": _tome_acts,
-    "deepcache": lambda v, m, w: w.clock is None or bool(deepcache.cheap_steps(v, w.clock)),
-    "scalecrafter": _scalecrafter_acts,
-    "deepshrink": _deepshrink_acts,
-    "hidiffusion": lambda v, m, w: m.family in hidiffusion.DEFAULT_BLOCKS and bool(v["rau_net"] or v["msw_msa"]),
-}
-_PART_ACTS: dict[str, Callable[[dict, UNetMap, PassInfo], bool]] = {
-    "hidiffusion.rau_net": _rau_net_acts,
-    "hidiffusion.msw_msa": lambda v, m, w: bool(v["msw_msa"]),
+_PART_IDLE: dict[str, Callable[[dict, UNetMap, PassInfo], str | None]] = {
+    "hidiffusion.rau_net": hidiffusion.rau_idle,
+    "hidiffusion.msw_msa": hidiffusion.msw_idle,
 }
 
 
 def acting(settings: Settings, umap: UNetMap, where: PassInfo) -> set[str]:
-    """Techniques (and parts, "technique.part") that would act in this pass."""
+    """Techniques (and parts, "technique.part") that would act in this pass: each technique's
+    own idle() says (acts.py), as for the infotext, the messages and the preview."""
     out = set()
     for tid, values in settings.values.items():
-        if values["enabled"] and _runs_in_pass(tid, values, where.clock) and _ACTS.get(tid, lambda *a: True)(values, umap, where):
-            out.add(tid)
-    for part, acts in _PART_ACTS.items():
+        try:
+            if idle_reason(tid, values, umap, where) is None:
+                out.add(tid)
+        except Refused:  # it cannot run here at all: it is skipped with its own message
+            pass
+    for part, idle in _PART_IDLE.items():
         tid = part.partition(".")[0]
-        if tid in out and acts(settings[tid], umap, where):
-            out.add(part)
+        try:
+            if tid in out and idle(settings[tid], umap, where) is None:
+                out.add(part)
+        except Refused:
+            pass
     return out
 
 
@@ -235,7 +183,7 @@ def resolve_conflicts(settings: Settings, umap: UNetMap, where: PassInfo | None 
     took_hidiffusion = None  # index of the last note that took a part of HiDiffusion
     for rule in RULES:
         live = acting(settings, umap, where)
-        if all(t in live for t in (*rule.techniques, *rule.parts)) and rule.applies(settings, umap):
+        if all(t in live for t in (*rule.techniques, *rule.parts)) and rule.applies(settings, umap, where):
             before = dict(settings.values.get("hidiffusion", {}))
             rule.resolve(settings, umap)
             if rule.policy not in notes:

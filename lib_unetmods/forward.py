@@ -20,9 +20,9 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .clock import StepClock
+from .forge_call import align_control, control_present, forge_rows
 from .patcher import Patcher, current_forward
 from .unet_map import UNetMap, map_unet
 
@@ -59,16 +59,14 @@ class UNetCall:
     skips: list[torch.Tensor | None] = field(default_factory=list)
     shapes: dict[tuple[str, int], torch.Size] = field(default_factory=dict)  # output shape of each block run
     next_skip_size: tuple[int, ...] | None = None  # skip size of the next output block's concat
-    residuals: bool = False  # a skip reached its concat changed: the host adds residuals (ControlNet)
-    # a hook resized the features (Deep Shrink): every Upsample is ldm's plain x2 (Forge's would go
-    # to the next skip's shape by nearest), and the to_skip hooks resize h, so all hosts agree
-    x2_upsample: bool = False
+    # the host adds residuals: a skip reached its concat changed (ControlNet), or h reached the next
+    # block as another tensor than the block returned (sd-webui-controlnet's T2I-Adapters)
+    residuals: bool = False
 
     @property
     def control(self) -> bool:
         """Forge passes its ControlNet's residuals as `control` (lists of tensors or None)."""
-        control = self.kwargs.get("control")
-        return isinstance(control, dict) and any(t is not None for v in control.values() for t in (v or ()))
+        return control_present(self.kwargs)
 
     def rows(self) -> tuple[list[int], list[int]] | None:
         return batch_rows(self.kwargs, self.clock, self.x.shape[0])
@@ -83,9 +81,9 @@ def batch_rows(kwargs: dict[str, Any], clock: StepClock, batch: int) -> tuple[li
     """(cond row indices, uncond row indices) of a UNet call's batch, or None if unknown: Forge's
     `transformer_options` (uncond chunk first, or one call per chunk), else the clock's A1111
     layout (cond rows, then uncond rows)."""
-    options = kwargs.get("transformer_options")
-    if isinstance(options, dict) and "cond_indices" in options:
-        return list(options["cond_indices"]), list(options["uncond_indices"])
+    rows = forge_rows(kwargs)
+    if rows is not None:
+        return rows
     nc, nu = clock.cond_rows, clock.uncond_rows
     if nc is None or nu is None or nc + nu != batch:
         return None
@@ -148,13 +146,15 @@ class ForwardHooks:
 
     @staticmethod
     def _align_control(call: UNetCall, name: str, like: torch.Tensor) -> None:
-        """Forge adds `control[name][-1]` to `like` next, in place, and skips a residual of another
-        size with a warning: where a hook resized the features (Deep Shrink, RAU-Net), resize the
-        residual by nearest first, as sd-webui-controlnet's `aligned_adding` does on A1111."""
-        control = call.kwargs.get("control")
-        residuals = control.get(name) if isinstance(control, dict) else None
-        if residuals and residuals[-1] is not None and residuals[-1].shape[-2:] != like.shape[-2:]:
-            residuals[-1] = F.interpolate(residuals[-1], size=tuple(like.shape[-2:]), mode="nearest")
+        align_control(call.kwargs, name, like)  # Forge's `control` (forge_call.py)
+
+    @staticmethod
+    def _see_host_add(call: UNetCall, h: torch.Tensor) -> None:
+        """Every host passes a block's output to the next block as is, unless it adds to it between
+        them: sd-webui-controlnet's T2I-Adapters add their residuals after input blocks 2, 5, 8, 11
+        (`aligned_adding` makes a new tensor). Forge adds in place, but passes `control` (call.control)."""
+        if not call.residuals and call.skips and h is not call.skips[-1]:
+            call.residuals = True
 
     def _after_skip(self, i: int, h: torch.Tensor, call: UNetCall) -> torch.Tensor:
         for fn in self.lists["after_skip"]:
@@ -197,6 +197,7 @@ class ForwardHooks:
                 return inner(h, *args, **kwargs)
             if i == 0:
                 call.skips.clear()
+            self._see_host_add(call, h)
             if call.shortcut is not None and i > call.shortcut.last_input:
                 h = self._placeholder(call, ("input", i))
             else:
@@ -217,6 +218,7 @@ class ForwardHooks:
             call = self.current
             if call is None:
                 return inner(h, *args, **kwargs)
+            self._see_host_add(call, h)
             if call.shortcut is not None:
                 return self._placeholder(call, ("middle", 0))
             h = self._after_skip(len(call.skips) - 1, h, call)
@@ -246,8 +248,6 @@ class ForwardHooks:
             if own >= 0:
                 call.skips[own] = None
             call.next_skip_size = call.skip_size(i + 1)
-            if call.x2_upsample:
-                args, kwargs = _without_output_shape(args, kwargs)
             h = inner(x, *args, **kwargs)
             for fn in self.lists["after_output"]:
                 h = fn(i, h, call)
@@ -261,11 +261,6 @@ class ForwardHooks:
         return forward
 
 
-def _without_output_shape(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Forge's output block call (h, emb, context, transformer_options, output_shape) without the shape."""
-    if "output_shape" in kwargs:
-        return args, {**kwargs, "output_shape": None}
-    return (*args[:3], None, *args[4:]) if len(args) >= 4 else args, kwargs
 
 
 def install_forward(unet: nn.Module, patcher: Patcher, clock: StepClock, umap: UNetMap | None = None) -> ForwardHooks:

@@ -99,6 +99,24 @@ def record_pass(p: Any, generation: Generation, hires: bool, applied: Applied | 
     write_infotext(p, ran_infotext(generation.ran), generation)
 
 
+def finish_pass(p: Any, generation: Generation) -> None:
+    """After a pass sampled (before the next pass applies, or when the batch ends): a technique
+    that changed nothing after all (DeepCache with residuals at every step, HyperTile that never
+    split a layer) loses its key and says why, once. The WebUI builds the infotext after this."""
+    applied = generation.applied
+    if applied is None or applied.settings is None:
+        return
+    idle = applied.idle_after_pass()
+    applied.after_pass.clear()  # once per pass (Forge calls the hires setup twice)
+    hires = generation.clock.hires
+    for tid in idle:
+        generation.ran.get(hires, {}).pop(tid, None)
+    said = len(generation.messages)
+    generation.report(p, [*applied.messages, *idle.values()])  # also what the hooks said while sampling
+    if idle or len(generation.messages) > said:
+        write_infotext(p, ran_infotext(generation.ran), generation)
+
+
 def host_unet(p: Any) -> nn.Module | None:
     """The UNet module: Forge's `sd_model.forge_objects.unet.model.diffusion_model`, A1111's
     `sd_model.model.diffusion_model`; None where a link is missing."""

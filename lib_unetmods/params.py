@@ -15,6 +15,7 @@ BOOL_FALSE = {"false", "0", "no", "off"}
 INFOTEXT_PREFIX = "UNetMods"
 MESSAGES_KEY = f"{INFOTEXT_PREFIX} messages"  # the run's messages, for API clients (info.extra_generation_params)
 AUTO_VALUES = "auto_values"  # the parameter that picks the recommended values for the model family
+NOT_THIS_PASS = "not applied in this pass"  # a technique's idle() reason for a pass it is off in by choice: never said
 TEXT_FORBIDDEN = set(";=")  # besides whitespace: the canonical text form splits on all three
 
 
@@ -190,8 +191,8 @@ class TechniqueSpec:
             if token == "default":
                 continue
             name, sep, raw = token.partition("=")
-            if not sep:
-                errors.append(f"{self.id}: cannot read {token!r} (expected name=value)")
+            if not sep or not name:
+                errors.append(f"{self.id}: malformed text {token!r} (expected name=value)")
                 continue
             changes[name] = raw
         self.update(values, changes, errors)

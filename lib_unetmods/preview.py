@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+from .acts import PassInfo, idle_reason
 from .clock import StepClock
 from .composition import resolve_conflicts
+from .forward import Refused
+from .params import NOT_THIS_PASS
 from .schedules import pass_steps
 from .settings import Settings
 from .techniques import SPECS, cdtuner, deepcache, deepshrink, freeu, hidiffusion, hypertile, scalecrafter, tome
@@ -167,12 +170,12 @@ def _deepshrink(v: dict[str, Any], clocks: list[StepClock], hires: bool, **_: An
 
 
 def _hidiffusion(v: dict[str, Any], clocks: list[StepClock], hires: bool, latent: tuple[int, int], family: str,
-                 **_: Any) -> list[Row]:
+                 umap: UNetMap | None, **_: Any) -> list[Row]:
     if not hidiffusion.runs_in_pass(v, hires) or family not in hidiffusion.DEFAULT_BLOCKS:
         return []
     rows = []
     if v["rau_net"]:
-        sched = hidiffusion.schedule(family, v, latent[0], latent[1], len(clocks))
+        sched = hidiffusion.pass_schedule(family, v, latent, len(clocks), umap.unet if umap is not None else None)
         active = [sched.active(c.step) for c in clocks]
         rows.append(Row("hidiffusion", "RAU-Net RAD/RAU", [_flag(a[0]) for a in active], "stride-4 downsample pair"))
         rows.append(Row("hidiffusion", "RAU-Net pool", [_flag(a[1]) for a in active], "pooled pair"))
@@ -212,15 +215,16 @@ ROWS = {"tome": _tome, "hypertile": _hypertile, "deepcache": _deepcache, "scalec
 
 def compute(settings: Settings, image: Image, family: str | None, umap: UNetMap | None = None) -> Preview:
     """The preview of `settings` for `image` on a model of `family` (its UNet map where known:
-    needed for ScaleCrafter's convs and the composition rules)."""
+    needed for ScaleCrafter's convs and the composition rules). Per pass, the composition rules
+    and each technique's idle() decide as they do in the run (acts.py): a technique with nothing
+    to do shows an empty row with the reason."""
     notes: list[str] = []
     if umap is not None:
         family = umap.family
-        settings, rule_notes = resolve_conflicts(settings, umap)
-        notes += rule_notes
     if not family:
         family = SD1
         notes.append("no model loaded: SD1 assumed")
+    base = settings.with_family_values(family) if umap is not None else settings
     p = SimpleNamespace(steps=image.steps, hr_second_pass_steps=image.hr_steps, denoising_strength=image.denoising,
                         init_images=[None] if image.img2img else None)
     sizes = [(False, image.width, image.height)]
@@ -230,10 +234,26 @@ def compute(settings: Settings, image: Image, family: str | None, umap: UNetMap 
     for hires, width, height in sizes:
         total = pass_steps(p, hires)
         clocks = _clocks(total, hires)
+        latent = (height // 8, width // 8)
+        where = PassInfo(clocks[0], (1, 4, *latent), family)
+        resolved = base
+        if umap is not None:
+            resolved, rule_notes = resolve_conflicts(base, umap, where)
+            notes += [n for n in rule_notes if n not in notes]
         info = Pass("hires pass" if hires else "first pass", total, width, height)
-        for tid in settings.enabled_ids():
-            info.rows += ROWS[tid](settings[tid], clocks, hires, umap=umap, latent=(height // 8, width // 8),
-                                   family=family, hires_planned=len(sizes) > 1)
+        for tid in resolved.enabled_ids():  # a technique a rule switched off: the rule's note says so
+            values = resolved[tid]
+            try:
+                reason = idle_reason(tid, values, umap, where)
+            except Refused as e:
+                reason = f"skipped: {e}"
+            if reason == NOT_THIS_PASS:
+                continue
+            if reason is not None:
+                info.rows.append(Row(tid, SPECS[tid].title, [Cell("off") for _ in clocks], f"{reason}: nothing to do"))
+                continue
+            info.rows += ROWS[tid](values, clocks, hires, umap=umap, latent=latent, family=family,
+                                   hires_planned=len(sizes) > 1)
         passes.append(info)
     return Preview(family, passes, notes)
 

@@ -162,7 +162,7 @@ def unknown_keys(params: Mapping[str, Any]) -> list[str]:
         elif match:
             problems.append(f"'{key}': unknown technique {match.group(1)!r} (known: {', '.join(SPECS)}); ignored")
         else:
-            problems.append(f"'{key}': not a key of this version (expected '{INFOTEXT_PREFIX} <technique> v<n>'); ignored")
+            problems.append(f"'{key}': malformed key (expected '{INFOTEXT_PREFIX} <technique> v<n>'); ignored")
     return problems
 
 

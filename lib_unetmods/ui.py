@@ -294,14 +294,30 @@ def _paste_value(spec: TechniqueSpec, name: str, report: bool) -> Callable[[dict
 
     def value(params: dict[str, Any]) -> Any:
         if report:
-            for problem in Settings.from_infotext(params).errors:
-                notify(f"pasted infotext: {problem}")
+            pasted = Settings.from_infotext(params)
+            problems = [f"pasted infotext: {problem}" for problem in pasted.errors]
+            _pasted[:] = [(pasted, problems)] if problems else []
+            for problem in problems:
+                notify(problem)
         text = params.get(spec.infotext_key)
         if text is None:
             return False if name == "enabled" else None
         return spec.from_text(str(text), [])[name]
 
     return value
+
+
+_pasted: list[tuple[Settings, list[str]]] = []  # the last paste's settings and problems, until a generation takes them
+
+
+def take_paste_problems(settings: Settings) -> list[str]:
+    """The problems of the last paste (UI or the API's `infotext` field), for the next generation
+    if it runs the pasted settings, so they reach its messages (infotext, API response). Taken by
+    the next generation either way: a later one is never blamed for an old paste."""
+    if not _pasted:
+        return []
+    pasted, problems = _pasted.pop()
+    return problems if pasted == settings else []
 
 
 @functools.lru_cache(maxsize=None)

@@ -6,10 +6,10 @@ from typing import Any
 from modules import script_callbacks, scripts, shared
 
 from lib_unetmods import restore_all
-from lib_unetmods.host import (STATE_ATTR, Generation, begin_pass, on_cfg_denoiser, record_pass, settings_from,
-                               write_infotext)
+from lib_unetmods.host import (STATE_ATTR, Generation, begin_pass, finish_pass, on_cfg_denoiser, record_pass,
+                               settings_from, write_infotext)
 from lib_unetmods.ui import (build, forget_model, infotext_fields, loaded_model, paste_field_names, remember_component,
-                             webui_sources)
+                             take_paste_problems, webui_sources)
 from lib_unetmods.xyz import find_xyz_module, register
 
 _current: list[Generation] = []  # the generation whose sampling is under way (read by callbacks)
@@ -36,7 +36,7 @@ class UNetModsScript(scripts.Script):
     def process(self, p: Any, *args: Any) -> None:
         generation = Generation(settings_from(p, args))
         setattr(p, STATE_ATTR, generation)
-        generation.report(p, generation.settings.errors)
+        generation.report(p, [*take_paste_problems(generation.settings), *generation.settings.errors])
         # what was asked for (params.txt is written before sampling); each pass replaces it by what acted
         write_infotext(p, generation.settings.infotext(), generation)
 
@@ -45,6 +45,7 @@ class UNetModsScript(scripts.Script):
         if generation is None:  # process() did not run for this p (another script called sampling)
             generation = Generation(settings_from(p, args))
             setattr(p, STATE_ATTR, generation)
+        finish_pass(p, generation)  # the pass before (the first pass, before the hires pass)
         x = kwargs.get("x")
         begin_pass(p, generation, tuple(x.shape) if x is not None else None,
                    fix_steps=bool(getattr(shared.opts, "img2img_fix_steps", False)), custom_unet=_custom_unet_active())
@@ -60,6 +61,7 @@ class UNetModsScript(scripts.Script):
     def _finish(self, p: Any) -> None:
         generation = getattr(p, STATE_ATTR, None)
         if generation is not None:
+            finish_pass(p, generation)
             generation.restore()
         restore_all()
         _current.clear()

@@ -267,6 +267,8 @@ def draw_case(seed: int, index: int, archs: tuple[str, ...] = ARCHS, large: bool
         hr_steps=rng.choice((0, 1, 3)), second_order=rng.random() < 0.2, forge=rng.random() < 0.3,
         webui_tome=0.3 if rng.random() < 0.05 else 0.0, sdpa=rng.random() < 0.7, vae=rng.random() < 0.15,
         inject=inject)
+    if include == "hypertile":  # it splits nothing on the small latents (a no-op, no key): 384x384 always splits
+        case.latent, case.hr_scale = (48, 48), 1.25
     if large and arch in LARGE_SIZES and rng.random() < 0.03:
         case.latent, case.sdpa, case.hires, case.second_order = LARGE_SIZES[arch], True, False, False
         case.batch_size, case.n_iter, case.steps, case.vae = 1, 1, 2, False

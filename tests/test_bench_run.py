@@ -21,12 +21,17 @@ def run_json(capsys, tmp_path, *argv):
     return code, rows
 
 
+HONEST = ("--steps", "3", "--repeats", "2", "--mods", "tome ratio=0.5", "--mods", "scalecrafter", "--mods",
+          "deepcache interval=3", "--mods", "hypertile", "--mods", "freeu b1=1 b2=1 s1=1 s2=1")
+
+
 def test_rows_are_honest(capsys, tmp_path):
-    code, rows = run_json(capsys, tmp_path, "--steps", "3", "--repeats", "2", "--mods", "tome ratio=0.5",
-                          "--mods", "scalecrafter", "--mods", "deepcache interval=3")
+    code, rows = run_json(capsys, tmp_path, *HONEST)
     assert code == 0
-    # nothing installed: listed as a no-op, not timed, not ranked
-    for label in ("all off", "scalecrafter"):
+    # nothing installed: listed as a no-op with the technique's own reason (acts.py), not timed, not ranked
+    assert "no layer splits into tiles" in rows["hypertile"]["noop"]
+    assert "every backbone, skip and high-end scale is 1" in rows["freeu b1=1 b2=1 s1=1 s2=1"]["noop"]
+    for label in ("all off", "scalecrafter", "hypertile", "freeu b1=1 b2=1 s1=1 s2=1"):
         row = rows[label]
         assert row["noop"] and row["speedup"] is None and not row["ranked"] and row["patched_s"] is None
     assert "not above the native" in rows["scalecrafter"]["noop"]
@@ -37,10 +42,7 @@ def test_rows_are_honest(capsys, tmp_path):
         assert row["rel_diff"] > 0
         assert row["peak_mem_patched"] > 0  # working memory of the run, not growth of the process
     assert rows["baseline"]["speedup"] == 1.0 and rows["baseline"]["peak_mem_baseline"] > 0
-    written = [json.loads(line) for line in open(tmp_path / (bench_run_tag(tmp_path, "--steps", "3", "--repeats", "2",
-                                                                           "--mods", "tome ratio=0.5", "--mods",
-                                                                           "scalecrafter", "--mods",
-                                                                           "deepcache interval=3") + ".jsonl"))]
+    written = [json.loads(line) for line in open(tmp_path / (bench_run_tag(tmp_path, *HONEST) + ".jsonl"))]
     assert {r["label"] for r in written} == set(rows)
 
 

@@ -88,7 +88,8 @@ def test_all_zero_installs_nothing_and_is_bit_identical(make_unet):
         for hires in (False, True):
             clock.start(4, hires=hires)
             applied = apply_mods(unet, settings(**values), clock, vae=vae, base_shape=(1, 4, 8, 8))
-            assert applied.patcher is None and applied.messages == [] and applied.applied == []  # acted on nothing: no infotext key
+            assert applied.patcher is None and applied.applied == []  # acted on nothing: no infotext key, says why
+            assert applied.messages == ["CD Tuner: every value is 0 and there is no colour map; nothing to do"]
             assert torch.equal(unet(**x), expected)
             assert_restored(unet, before)
             assert_restored(vae, vae_before)

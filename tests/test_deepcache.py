@@ -328,3 +328,20 @@ def test_warnings_and_bad_input(make_unet):
         assert settings.errors and settings.errors[0].startswith(f"deepcache.{bad.split('=')[0]}")
     assert Settings.from_text(Settings.from_text("deepcache interval=5 level=2 schedule=nonuniform end=0.9").to_text()) == \
         Settings.from_text("deepcache interval=5 level=2 schedule=nonuniform end=0.9")
+
+
+def test_the_cache_is_a_copy_not_a_view_of_the_hosts_concat():
+    """Later before_concat hooks (FreeU) write their parts into the host's concat: a cached view
+    would take FreeU's scaling into the cache and apply it twice on cheap steps."""
+    from types import SimpleNamespace
+
+    from lib_unetmods.techniques.deepcache import DeepCacheState
+
+    state = DeepCacheState(0, 11, lambda clock: False)
+    x = torch.randn(1, 8, 4, 4)
+    h = x[:, :4]  # the h part of the host's concat
+    before = h.clone()
+    call = SimpleNamespace(state={"deepcache_key": "k"}, shapes={})  # what capture reads of the UNet call
+    state.capture(11, h, x[:, 4:], call)
+    x.mul_(2)  # FreeU's new h written into the concat
+    assert torch.equal(state.entries["k"][0], before)

@@ -233,3 +233,61 @@ def test_forge_unet_class_gets_block_hooks_and_classic_forge_is_refused(make_une
     unet.__class__ = type("UNetModel", (original_class,), {"__module__": "ldm_patched.ldm.modules.diffusionmodules.openaimodel"})
     applied = apply_mods(unet, Settings.from_text(FREEU_ON), StepClock())
     assert applied.patcher is None and "classic Forge" in applied.messages[0]
+
+
+# --- mutations the other tests did not catch (issue 22) ------------------------------------------
+
+def test_a_concat_the_host_does_not_own_is_never_written_into(tiny_unet, make_inputs):
+    """A host whose output-block input is a view (here of a larger buffer) gets a new concat: the
+    hook's parts are not written into memory the host may still use, and the output is right."""
+    inputs = make_inputs(tiny_unet, batch=2, height=16, width=16)
+    i = 1
+    block = tiny_unet.output_blocks[i]
+    c = map_unet(tiny_unet).h_channels[i]
+    buffers = []
+
+    def as_view(module, args):  # the host hands the block a view into a buffer it keeps
+        x = args[0]
+        buffer = torch.cat([x, x], dim=0)
+        buffers.append((buffer, buffer.clone()))
+        return (buffer[: x.shape[0]], *args[1:])
+
+    def change(h, skip):
+        return h * 2, -skip
+
+    handle = block.register_forward_pre_hook(lambda m, args: (torch.cat(change(args[0][:, :c], args[0][:, c:]), dim=1), *args[1:]))
+    expected = tiny_unet(**inputs)
+    handle.remove()
+    view_handle = block.register_forward_pre_hook(as_view)
+    patcher = Patcher(tiny_unet)
+    hooks = install_forward(tiny_unet, patcher, StepClock())
+    hooks.add("before_concat", lambda j, h, skip, call: change(h, skip) if j == i else (h, skip), patcher)
+    try:
+        got = tiny_unet(**inputs)
+    finally:
+        patcher.restore()
+        view_handle.remove()
+    assert torch.equal(got, expected)
+    buffer, before = buffers[0]
+    assert torch.equal(buffer, before), "the hook wrote into the host's buffer"
+
+
+def test_the_call_ends_when_the_forward_raises(tiny_unet, make_inputs):
+    """The end hook runs with always_call: after an exception inside the UNet no call stays
+    current, so a block called on its own afterwards runs as it is."""
+    inputs = make_inputs(tiny_unet, batch=2, height=16, width=16)
+    patcher = Patcher(tiny_unet)
+    hooks = install_forward(tiny_unet, patcher, StepClock())
+
+    def fail(i, h, call):
+        if i == 2:
+            raise RuntimeError("interrupted")
+        return h
+
+    hooks.add("after_input", fail, patcher)
+    try:
+        with pytest.raises(RuntimeError):
+            tiny_unet(**inputs)
+        assert hooks.current is None
+    finally:
+        patcher.restore()

@@ -420,3 +420,23 @@ def test_parity_with_the_hidiffusion_package(make_inputs, monkeypatch, arch, hw,
             applied.restore()
             ref_module.remove_hidiffusion(twin)
         assert not torch.allclose(first, plain, atol=1e-3)  # a RAU-Net stage ran at step 0: not a parity of no-ops
+
+
+def test_msw_msa_yields_to_another_extensions_attn1_patch_and_says_so(make_unet, make_inputs):
+    """Forge's attn1_patch gives self-attention a context: MSW-MSA leaves those calls to it and says so."""
+    unet = make_unet("sd15")
+    inputs = make_inputs(unet, batch=2, height=32, width=32)
+    attn1 = [m for n, m in unet.named_modules() if n.endswith("attn1")]
+    handles = [m.register_forward_pre_hook(lambda m, a, k: (a, {**k, "context": a[0]}), with_kwargs=True) for m in attn1]
+    try:
+        expected = unet(**inputs)
+        clock = StepClock()
+        clock.start(1)
+        applied = apply_mods(unet, Settings.from_text("hidiffusion rau_net=false"), clock, latent_shape=(2, 4, 32, 32))
+        got = unet(**inputs)
+        applied.restore()
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(got, expected)
+    assert sum("MSW-MSA yields" in m for m in applied.messages) == 1

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hosts import forge
 from hosts.controlnet import ControlNetHook
@@ -37,11 +38,11 @@ ACTIVE = {
 HOSTS = ("a1111", "controlnet", "forge", "forge_split")
 
 
-def inputs(arch: str) -> dict[str, torch.Tensor | None]:
+def inputs(arch: str, size: tuple[int, int] = SIZE) -> dict[str, torch.Tensor | None]:
     g = torch.Generator().manual_seed(3)
     ctx = context_dim(arch, "tiny")
     sdxl = arch == "sdxl"
-    return {"noise": torch.randn(1, 4, *SIZE, generator=g), "cond": torch.randn(1, 8, ctx, generator=g),
+    return {"noise": torch.randn(1, 4, *size, generator=g), "cond": torch.randn(1, 8, ctx, generator=g),
             "uncond": torch.randn(1, 8, ctx, generator=g),
             "y": torch.randn(1, ADM_CHANNELS, generator=g) if sdxl else None,
             "y_uncond": torch.randn(1, ADM_CHANNELS, generator=g) if sdxl else None}
@@ -56,11 +57,41 @@ def ldm_unet(arch: str) -> torch.nn.Module:
     return _UNETS[arch]
 
 
+KOHYA = {"block": 3, "factor": 2.0, "start": 0.0, "end": 0.5, "after_skip": True, "down": "bicubic", "up": "bicubic"}
+
+
+def forge_kohya_hrfix(patcher, clock: StepClock, block: int, factor: float, start: float, end: float, after_skip: bool,
+                      down: str, up: str) -> None:
+    """Forge's built-in Kohya HRFix (extensions-builtin/sd_forge_kohya_hrfix, ComfyUI's
+    PatchModelAddDownscale), written out directly: in the window, h is shrunk to round(side / factor)
+    after input block `block` (before or after its skip is stored); before each concat h is resized
+    to the skip when their sizes differ; Forge's own Upsample goes to the next skip's shape. Its sigma
+    window is written as our step window (the README's percent-to-sigma note)."""
+    def shrink(h, options):
+        if options["block"][1] != block or not clock.in_window(start, end):
+            return h
+        return F.interpolate(h, size=(round(h.shape[-2] / factor), round(h.shape[-1] / factor)), mode=down)
+
+    def to_skip(h, hsp, options):
+        if h.shape[-2:] != hsp.shape[-2:]:
+            h = F.interpolate(h, size=tuple(hsp.shape[-2:]), mode=up)
+        return h, hsp
+
+    (patcher.set_model_input_block_patch_after_skip if after_skip else patcher.set_model_input_block_patch)(shrink)
+    patcher.set_model_output_block_patch(to_skip)
+
+
+def kohya_text(v: dict) -> str:
+    return (f"deepshrink block={v['block']} factor={v['factor']} start={v['start']} end={v['end']} "
+            f"after_skip={v['after_skip']} downscale_method={v['down']} upscale_method={v['up']}")
+
+
 def run(host: str, arch: str, text: str, control_scale: float = 0.0, control_active=lambda: True,
-        messages: list[str] | None = None) -> torch.Tensor:
+        messages: list[str] | None = None, idle: bool = False, adapter: bool = False,
+        kohya: dict | None = None, size: tuple[int, int] = SIZE, layout: str = "cfg") -> torch.Tensor:
     """Sample STEPS steps on the host with `text` applied, restore, check the restore."""
     base = ldm_unet(arch)
-    data = inputs(arch)
+    data = inputs(arch, size)
     clock = StepClock()
     clock.start(STEPS)
     unet = forge.forge_unet(base) if host.startswith("forge") else base
@@ -69,17 +100,23 @@ def run(host: str, arch: str, text: str, control_scale: float = 0.0, control_act
     before = snapshot(unet)
     cn = None
     if host == "controlnet":
-        cn = ControlNetHook(base, scale=control_scale, active=control_active)
+        cn = ControlNetHook(base, scale=control_scale, active=control_active, adapter=adapter)
         cn.hook()
     applied = apply_mods(unet, Settings.from_text(text, strict=True) if text else Settings(), clock, seed=5,
-                         latent_shape=(1, 4, *SIZE))
+                         latent_shape=(1, 4, *size))
     try:
         if patcher is not None:
             control = None
             if host.startswith("forge") and control_scale:
-                control = forge.control_from(ControlNetHook(base, scale=control_scale, active=control_active).residuals)
-            out = forge.sample(patcher, data["noise"], data["cond"], data["uncond"], STEPS, clock,
-                               split=host == "forge_split", control=control, y=data["y"], y_uncond=data["y_uncond"])
+                unit = ControlNetHook(base, scale=control_scale, active=control_active, adapter=adapter)
+                control = forge.control_from(unit.residuals, unit.injection_blocks() if adapter else None)
+            sampling = patcher
+            if kohya is not None:  # Forge's built-in on a clone, as Forge's scripts patch
+                sampling = patcher.clone()
+                forge_kohya_hrfix(sampling, clock, **kohya)
+            out = forge.sample(sampling, data["noise"], data["cond"], data["uncond"], STEPS, clock,
+                               split=host == "forge_split", control=control, y=data["y"], y_uncond=data["y_uncond"],
+                               layout=layout)
         else:
             out = euler_sample(unet, data["noise"], data["cond"], data["uncond"], STEPS, clock, y=data["y"],
                                y_uncond=data["y_uncond"])
@@ -94,7 +131,10 @@ def run(host: str, arch: str, text: str, control_scale: float = 0.0, control_act
     if messages is not None:
         messages.extend(applied.messages)
     for tid in {t.split()[0] for t in text.split(";") if t}:
-        assert tid in applied.applied, applied.messages
+        if idle:  # nothing to do: nothing installed, no key, one message that says why
+            assert tid not in applied.applied and any(m.endswith("nothing to do") for m in applied.messages), applied.messages
+        else:
+            assert tid in applied.applied, applied.messages
     return out
 
 
@@ -120,7 +160,11 @@ def test_hosts_agree_without_techniques(host):
 @pytest.mark.parametrize("key", list(ACTIVE))
 @pytest.mark.parametrize("host", HOSTS[1:])
 def test_every_technique_gives_the_a1111_result_on_every_host(host, key):
+    """...and Deep Shrink on Forge gives Forge's built-in Kohya HRFix (see the next tests)."""
     expected = result("a1111", "sd15", key)
+    if key == "deepshrink" and host.startswith("forge"):
+        assert not close(expected, result("a1111", "sd15", None)), "the technique does not act at these settings"
+        expected = run(host, "sd15", "", kohya={**KOHYA, "end": 0.5})
     assert not close(expected, result("a1111", "sd15", None)), "the technique does not act at these settings"
     out = result(host, "sd15", key)
     assert out.shape == expected.shape
@@ -133,6 +177,8 @@ def test_every_technique_gives_the_a1111_result_on_every_host(host, key):
 def test_sdxl_shape(host, key):
     expected = result("a1111", "sdxl", key)
     assert not close(expected, result("a1111", "sdxl", None))
+    if key == "deepshrink" and host == "forge":
+        expected = run(host, "sdxl", "", kohya={**KOHYA, "end": 0.5})
     assert close(result(host, "sdxl", key), expected)
 
 
@@ -151,16 +197,29 @@ def test_with_control_residuals_the_technique_acts_and_residuals_still_apply(key
         assert torch.equal(cn, cn_alone)
     else:
         assert not close(cn, cn_alone), "technique lost"
+    if key == "deepshrink":  # Forge has its own anchor (its built-in, which drops residuals of another size)
+        forge_cn = result("forge", "sd15", key, control_scale=0.5)
+        assert not close(forge_cn, result("forge", "sd15", key)) and not close(forge_cn, cn_alone)
+        return
     if key != "colour_map":  # Forge computes control before the UNet call, from the latent the colour map has not pushed yet
         assert close(result("forge", "sd15", key, control_scale=0.5), cn)
 
 
-# DeepCache has no neutral setting that installs anything (interval 1 has nothing to do); with
-# control active it runs every step in full, which test_with_control_residuals... checks bit-exactly.
+# Neutral values are "nothing to do" (acts.py): nothing is installed. DeepCache with control active
+# runs every step in full, which test_with_control_residuals... checks bit-exactly.
 @pytest.mark.parametrize("text", ["freeu b1=1 b2=1 s1=1 s2=1", "deepshrink factor=1",
-                                  "hidiffusion auto=false t1=0 msw_msa=false"])
-def test_neutral_technique_under_controlnet_is_controlnet_alone(text):
-    assert torch.equal(run("controlnet", "sd15", text, control_scale=0.5), result("controlnet", "sd15", None, control_scale=0.5))
+                                  "hidiffusion auto=false t1=0 msw_msa=false", "deepcache interval=1",
+                                  "tome ratio=0.5 start=0.9 end=0.95"])
+def test_neutral_technique_under_controlnet_is_idle_and_controlnet_alone(text):
+    assert torch.equal(run("controlnet", "sd15", text, control_scale=0.5, idle=True),
+                       result("controlnet", "sd15", None, control_scale=0.5))
+
+
+def test_installed_hooks_that_change_nothing_keep_controlnet_bit_identical():
+    """Deep Shrink by 1.01 rounds every size back to itself on this latent: its hooks are installed
+    and run at every block, and ControlNet's residuals pass through them unchanged."""
+    assert torch.equal(run("controlnet", "sd15", "deepshrink factor=1.01 end=0.5", control_scale=0.5),
+                       result("controlnet", "sd15", None, control_scale=0.5))
 
 
 def middle_calls(host: str, text: str, **kw) -> list[int]:
@@ -189,6 +248,80 @@ def test_deepcache_runs_full_steps_while_control_is_active():
     assert len(middle_calls("controlnet", "deepcache interval=2", control_scale=0.5, control_active=first_two_steps)) == 3
     assert len(middle_calls("forge", "deepcache interval=2", control_scale=0.5)) == 4
     assert len(middle_calls("forge_split", "deepcache interval=2")) == 4  # two calls per step, each cheap on 1 and 3
+
+
+# --- Forge's other batch layouts: CFG 1 (cond rows only) and AND-prompts (one chunk per cond) -----
+
+@pytest.mark.parametrize("layout", ["cfg1", "and", "area"])
+@pytest.mark.parametrize("key", list(ACTIVE))
+def test_every_technique_with_forges_cfg1_and_and_prompt_chunks(key, layout):
+    """Every technique runs on these layouts, acts (unless it needs uncond rows: NDCFG and the
+    colour map then say why and leave them alone), and is taken off exactly (run() checks)."""
+    messages: list[str] = []
+    for host in ("forge", "forge_split"):
+        out = run(host, "sd15", ACTIVE[key], layout=layout, messages=messages)
+        plain = run(host, "sd15", "", layout=layout)
+        if layout == "cfg1" and key in ("ndcfg", "colour_map"):
+            continue
+        assert not close(out, plain), f"{key} did not act on {host} with {layout}"
+
+
+# --- Deep Shrink: each host's own anchor ----------------------------------------------------------
+
+@pytest.mark.parametrize("host", ["forge", "forge_split"])
+@pytest.mark.parametrize("change", [{}, {"after_skip": False}, {"factor": 1.5}, {"up": "bilinear"},
+                                    {"block": 6, "factor": 1.5, "after_skip": False, "down": "area", "up": "bilinear"},
+                                    {"start": 0.25, "end": 0.75, "down": "nearest-exact"}])
+def test_deep_shrink_on_forge_is_forges_builtin_kohya_hrfix(host, change):
+    """Forge users compare with Forge's built-in: every setting gives its image (its Upsample goes
+    straight to the next skip's shape while features are shrunk)."""
+    v = {**KOHYA, **change}
+    ours = run(host, "sd15", kohya_text(v))
+    torch.testing.assert_close(ours, run(host, "sd15", "", kohya=v), rtol=0, atol=1e-5)
+
+
+def test_deep_shrink_hosts_differ_only_where_the_upsample_meets_a_shrunk_size():
+    """A1111's anchor (wcde / ComfyUI block by block on ldm's x2 Upsample, test_deepshrink.py) and
+    Forge's built-in agree at the defaults (the full-size skip is met at a concat, not after an
+    Upsample) and differ with 'downscale after skip' off or factor 1.5, as the real hosts do (at 512x512:
+    a latent whose shrunk sizes halve evenly; at odd sizes Forge's Upsample differs at the defaults too)."""
+    for change, same in (({}, True), ({"after_skip": False}, False), ({"factor": 1.5}, False)):
+        v = {**KOHYA, **change}
+        assert close(run("forge", "sd15", kohya_text(v), size=(32, 32)), run("a1111", "sd15", kohya_text(v), size=(32, 32))) == same, change
+
+
+# --- T2I-Adapters: residuals on h after input blocks 2, 5, 8, 11 (SD1) ----------------------------
+
+def test_deepcache_runs_full_steps_while_an_adapter_adds_residuals():
+    """The adapter changes h between input blocks, not the shallow skip a level-0 cache compares:
+    every step still runs in full on A1111 + sd-webui-controlnet and on Forge (control["input"])."""
+    assert len(middle_calls("controlnet", "deepcache interval=2", control_scale=0.5, adapter=True)) == 4
+    assert len(middle_calls("forge", "deepcache interval=2", control_scale=0.5, adapter=True)) == 4
+    assert torch.equal(run("controlnet", "sd15", "deepcache interval=2", control_scale=0.5, adapter=True),
+                       run("controlnet", "sd15", "", control_scale=0.5, adapter=True))
+
+
+@pytest.mark.parametrize("key", ["tome", "hypertile", "scalecrafter", "deepshrink", "hidiffusion", "freeu", "cdtuner"])
+def test_with_adapter_residuals_the_technique_acts_and_the_hosts_agree(key):
+    """Every technique with a T2I-Adapter unit: it acts, the adapter's residuals still apply, and
+    Forge's control["input"] gives A1111 + ControlNet's result (where a technique resizes the
+    features, Forge's input residuals are resized to them as sd-webui-controlnet's aligned_adding does)."""
+    text = ACTIVE[key]
+    size = (32, 32) if key == "deepshrink" else SIZE  # where Forge's Upsample and ldm's agree (see above)
+    cn = run("controlnet", "sd15", text, control_scale=0.5, adapter=True, size=size)
+    assert not close(cn, run("a1111", "sd15", text, size=size)), "adapter residuals lost"
+    assert not close(cn, run("controlnet", "sd15", "", control_scale=0.5, adapter=True, size=size)), "technique lost"
+    assert close(run("forge", "sd15", text, control_scale=0.5, adapter=True, size=size), cn)
+
+
+def test_forge_input_residuals_follow_deep_shrink_after_the_skip():
+    """Deep Shrink after block 3's skip shrinks what block 4 gets: the adapter's residual of block 5
+    must be resized to it (Forge alone would print a warning and drop it)."""
+    text = "deepshrink block=3 end=1 after_skip=true"
+    size = (32, 32)  # where Forge's Upsample and ldm's agree
+    cn = run("controlnet", "sd15", text, control_scale=0.5, adapter=True, size=size)
+    assert close(run("forge", "sd15", text, control_scale=0.5, adapter=True, size=size), cn)
+    assert not close(run("forge", "sd15", text, size=size), cn)
 
 
 # --- leftovers and restore order ----------------------------------------------------------------

@@ -308,3 +308,28 @@ def test_tome_hypertile_rule(arch, tome, hypertile, merges_attn):
         assert resolved["tome"][key] == settings["tome"][key]
     if notes:
         assert "merge_attn" in notes[0]
+
+
+def test_hypertile_yields_to_another_extensions_attn1_patch_and_says_so(make_unet, make_inputs):
+    """Forge's attn1_patch (backend/nn/unet.py BasicTransformerBlock) gives self-attention a context;
+    HyperTile then leaves the layer to it, and after the pass says it tiled nothing."""
+    from lib_unetmods import Settings, StepClock, apply_mods
+
+    unet = make_unet("sd15")
+    inputs = make_inputs(unet, batch=2, height=32, width=32)
+    attn1 = [m for n, m in unet.named_modules() if n.endswith("attn1")]
+    handles = [m.register_forward_pre_hook(lambda m, a, k: (a, {**k, "context": a[0]}), with_kwargs=True) for m in attn1]
+    try:
+        expected = unet(**inputs)
+        clock = StepClock()
+        clock.start(1)
+        applied = apply_mods(unet, Settings.from_text("hypertile tile_size=128 swap_size=1"), clock, latent_shape=(2, 4, 32, 32))
+        assert applied.applied == ["hypertile"]
+        got = unet(**inputs)
+        idle = applied.idle_after_pass()
+        applied.restore()
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(got, expected)
+    assert "HyperTile yields" in idle["hypertile"] and idle["hypertile"].endswith("nothing to do")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lib_unetmods import Settings, StepClock, apply_mods
 from lib_unetmods.apply import ApplyContext
-from lib_unetmods.composition import RULES
+from lib_unetmods.composition import RULES, PassInfo
 from lib_unetmods.patcher import Patcher
 from lib_unetmods.lab.random_unets import build_unet
 from lib_unetmods.lab.sampler import euler_sample
@@ -318,7 +318,7 @@ def test_composition_rules_turn_off_the_other_resizer():
     settings.values["deepshrink"] = {"enabled": True}
     settings.values["hidiffusion"] = {"enabled": True, "rau_net": True, "msw_msa": True}
     for rule in RULES:
-        if rule.techniques[0] == "scalecrafter" and rule.applies(settings, None):
+        if rule.techniques[0] == "scalecrafter" and rule.applies(settings, None, PassInfo()):
             rule.resolve(settings, None)
     assert settings["deepshrink"]["enabled"] is False
     assert settings["hidiffusion"] == {"enabled": True, "rau_net": False, "msw_msa": True}

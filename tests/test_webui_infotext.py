@@ -65,6 +65,20 @@ def test_xyz_axes_reach_the_grid_once_in_every_launch_mode(relaunch, mode):
     assert len(labels) == len(set(labels)) == len(expected)
 
 
+def test_xyz_axes_reach_a_grid_loaded_after_the_extension(relaunch):
+    """A host that loads xyz_grid after the extensions: the on_before_ui registration adds the axes."""
+    relaunch("ui")  # the fixture puts the module's launch back afterwards
+    script_callbacks.clear_callbacks()
+    scripts.scripts_data.clear()
+    for path in [SCRIPT, *webui.WEBUI_SCRIPTS]:
+        scripts.load_script(path)
+    module = next(d.module for d in scripts.scripts_data if d.script_class.__module__ == "xyz_grid.py")
+    expected = [axis["label"] for axis in axis_specs()]
+    assert not [o for o in module.axis_options if o.label in expected]  # not there at import
+    script_callbacks.before_ui_callback()
+    assert [o.label for o in module.axis_options if o.label in expected] == expected
+
+
 # --- the infotext records what acted ------------------------------------------------------
 
 def test_scalecrafter_at_native_size_leaves_deep_shrink_alone(script_module, make_unet):
@@ -140,7 +154,7 @@ def test_hires_pass_is_recorded_by_the_pass_switches(script_module, make_unet):
     # Deep Shrink asked for the hires pass, but its window covers no step of that 2-step pass: the
     # infotext says hires=false (the default, so nothing); HyperTile acted in the hires pass only
     _, _, params = run(unet, script_module, "deepshrink hires=true; hypertile tile_size=128 first_pass=false",
-                       enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2)
+                       enable_hr=True, hr_scale=2, hr_second_pass_steps=2, width=128, height=128)
     assert "Deep Shrink: the window covers no step of this 2-step pass; nothing to do" in messages(params)
     assert params[SPECS["deepshrink"].infotext_key] == "default"
     assert params[SPECS["hypertile"].infotext_key] == "first_pass=false tile_size=128"

@@ -32,6 +32,9 @@ def xyz_grid(script_module):
 
 @pytest.fixture(autouse=True)
 def clean_state():
+    from lib_unetmods import ui
+
+    ui._pasted.clear()  # a paste of another test is not this test's generation's
     state.interrupted = state.skipped = False
     opts.token_merging_ratio = opts.token_merging_ratio_hr = 0.0
     yield

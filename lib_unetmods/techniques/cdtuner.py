@@ -126,7 +126,9 @@ def rescale_affine(out: torch.Tensor, bias: torch.Tensor | None, a: float, c: fl
     with the original parameters: a*(out - bias) + c*bias, bias along dim 1."""
     if bias is None:
         return out * a
-    b = bias.to(out.dtype).view(1, -1, *([1] * (out.ndim - 2)))
+    # Forge's casting layers keep their parameters where they were (on the CPU in low-VRAM modes)
+    # and cast them per call: move the bias to the output's device as well as its dtype
+    b = bias.to(device=out.device, dtype=out.dtype).view(1, -1, *([1] * (out.ndim - 2)))
     return a * (out - b) + c * b
 
 
@@ -278,6 +280,17 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
     _apply_saturation(ctx, values)
 
 
+SLIDERS = ("d1", "d2", "hd1", "hd2", "con1", *SHIFT_NAMES, "sat", "sat2")
+
+
+def idle(values: dict[str, Any], umap: Any, where: Any) -> str | None:
+    """Every slider at 0 and no colour map: nothing would be hooked."""
+    colour_map = parse_colours(values["cm_colors"]) and values["cm_strength"] != 0 and values["cm_stop"] != 0
+    if any(values[name] for name in SLIDERS) or colour_map:
+        return None
+    return "every value is 0 and there is no colour map"
+
+
 def _apply_detail(ctx: Any, values: dict[str, Any]) -> None:
     start, stop = pass_window(values, ctx.hires)
     clock = ctx.clock
@@ -336,68 +349,97 @@ def _hook_unet_call(ctx: Any, values: dict[str, Any], shift: list[float] | None,
                     colour_map: tuple[list[list[float]], Cells] | None) -> None:
     """Torch hooks on the UNet module itself (they run whoever owns its forward, ControlNet
     included): a pre-hook pushes the colour map into x, a forward hook corrects the output."""
-    clock, prediction = ctx.clock, ctx.prediction
-    pending: dict[str, Any] = {}
-    colour_state: dict[str, Any] = {}  # this pass: the latent's scale at the first push, whether stopped
-    warned: set[str] = set()
+    hooks = _UNetCallHooks(ctx, values, shift, colour_map)
+    if colour_map is not None:
+        ctx.patcher.add_handle(ctx.unet.register_forward_pre_hook(hooks.before, with_kwargs=True), ctx.technique)
+    ctx.patcher.add_handle(ctx.unet.register_forward_hook(hooks.after, with_kwargs=True), ctx.technique)
 
-    def warn_once(message: str) -> None:
-        if message not in warned:
-            warned.add(message)
-            ctx.warn(message)
 
-    def sigmas(x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor | None:
+class _UNetCallHooks:
+    """The colour map (pushed into the call's x, corrected in its output) and the latent shift
+    (subtracted from the output at its step), for one sampling pass."""
+
+    def __init__(self, ctx: Any, values: dict[str, Any], shift: list[float] | None,
+                 colour_map: tuple[list[list[float]], Cells] | None) -> None:
+        self.ctx, self.values, self.shift, self.colour_map = ctx, values, shift, colour_map
+        self.clock, self.prediction = ctx.clock, ctx.prediction
+        self.correction: torch.Tensor | None = None  # the current call's output correction for its push
+        self.first_scale: float | None = None  # the latent's scale at the first push of this pass
+        self.stopped = False
+        self.warned: set[str] = set()
+
+    def warn_once(self, message: str) -> None:
+        if message not in self.warned:
+            self.warned.add(message)
+            self.ctx.warn(message)
+
+    def sigmas(self, x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor | None:
         if t is None or not torch.is_tensor(t) or t.numel() not in (1, x.shape[0]):
-            warn_once("the UNet call has no timesteps to read sigma from; latent shift and colour map skipped")
+            self.warn_once("the UNet call has no timesteps to read sigma from; latent shift and colour map skipped")
             return None
         return sigma_of_timesteps(t.reshape(-1)).expand(x.shape[0]).view(-1, 1, 1, 1)
 
-    def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        pending.clear()
-        if colour_map is None or clock.step >= values["cm_stop"] or colour_state.get("stopped"):
+    def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Pre-hook: the colour map's push of this step, into the call's x."""
+        self.correction = None
+        if self.colour_map is None or self.clock.step >= self.values["cm_stop"] or self.stopped:
             return None
         x, t = _call_inputs(args, kwargs)
-        rows = batch_rows(kwargs, clock, x.shape[0])
+        rows = batch_rows(kwargs, self.clock, x.shape[0])
         if rows is None:  # one chunk alone (Forge's split calls) is fine: cond and uncond rows share x
-            warn_once("the batch layout (cond rows, uncond rows) is unknown; colour map skipped")
+            self.warn_once("the batch layout (cond rows, uncond rows) is unknown; colour map skipped")
             return None
-        order = rows[0] + rows[1]  # cond rows first, as colour_map_push expects
-        sigma = sigmas(x, t)
+        sigma = self.sigmas(x, t)
         if sigma is None:
             return None
-        c_skip, c_out, c_in = denoiser_scalings(sigma, prediction)
-        vectors, cells = colour_map
-        boxes = region_boxes(x.shape[-2], x.shape[-1], cells, values["cm_mode"])
-        ratios = [colour_map_ratio(v, clock.step, values["cm_strength"], values["cm_stop"], clock.hires) for v in vectors]
-        noisy = x[:, :4].double() / c_in  # the sampler's latent (an inpainting UNet's extra channels follow)
-        pushed = colour_map_push(noisy[order], len(rows[0]), boxes, vectors, ratios)
-        first_scale = colour_state.setdefault("first_scale", noisy.abs().amax().item())
-        if not push_is_sane(first_scale, pushed):
-            colour_state["stopped"] = True
-            warn_once(f"colour map stopped at step {clock.step + 1}: with these colours, strength and {values['cm_stop']} "
-                      f"steps the latent grew past {GROWTH_LIMIT:g}x (the reference would end in a black or NaN "
-                      "image); lower the colours, the colour map strength or its steps")
+        delta = self._push(x, sigma, rows)
+        if delta is None:
             return None
-        delta = torch.zeros_like(noisy)
-        delta[order] = pushed - noisy[order]
-        pending["correction"] = c_skip * delta / c_out
+        c_skip, c_out, c_in = denoiser_scalings(sigma, self.prediction)
+        self.correction = c_skip * delta / c_out
         x = x.clone()
         x[:, :4] += (delta * c_in).to(x.dtype)
         return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "x": x})
 
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> torch.Tensor | None:
-        correction = pending.pop("correction", None)
-        if shift is not None and clock.step == shift_step(shift, ctx.hires, ctx.hires_planned, clock.total_steps):
-            sigma = sigmas(out, _call_inputs(args, kwargs)[1])
-            if sigma is not None:
-                _, c_out, _ = denoiser_scalings(sigma, prediction)
-                s = -torch.tensor(shift, dtype=torch.float64, device=out.device).view(1, -1, 1, 1)
-                correction = s / c_out if correction is None else correction + s / c_out
+    def _push(self, x: torch.Tensor, sigma: torch.Tensor, rows: tuple[list[int], list[int]]) -> torch.Tensor | None:
+        """The change the colour map makes to the sampler's latent (None once it stopped)."""
+        clock, values = self.clock, self.values
+        c_in = denoiser_scalings(sigma, self.prediction)[2]
+        vectors, cells = self.colour_map
+        order = rows[0] + rows[1]  # cond rows first, as colour_map_push expects
+        boxes = region_boxes(x.shape[-2], x.shape[-1], cells, values["cm_mode"])
+        ratios = [colour_map_ratio(v, clock.step, values["cm_strength"], values["cm_stop"], clock.hires) for v in vectors]
+        noisy = x[:, :4].double() / c_in  # the sampler's latent (an inpainting UNet's extra channels follow)
+        pushed = colour_map_push(noisy[order], len(rows[0]), boxes, vectors, ratios)
+        if self.first_scale is None:
+            self.first_scale = noisy.abs().amax().item()
+        if not push_is_sane(self.first_scale, pushed):
+            self.stopped = True
+            self.warn_once(f"colour map stopped at step {clock.step + 1}: with these colours, strength and "
+                           f"{values['cm_stop']} steps the latent grew past {GROWTH_LIMIT:g}x (the reference would end "
+                           "in a black or NaN image); lower the colours, the colour map strength or its steps")
+            return None
+        delta = torch.zeros_like(noisy)
+        delta[order] = pushed - noisy[order]
+        return delta
+
+    def after(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> torch.Tensor | None:
+        """Forward hook: the push's correction and, at its step, the latent shift."""
+        correction, self.correction = self.correction, None
+        shift = self._shift(out, args, kwargs)
+        if shift is not None:
+            correction = shift if correction is None else correction + shift
         return None if correction is None else out + correction.to(out.dtype)
 
-    if colour_map is not None:
-        ctx.patcher.add_handle(ctx.unet.register_forward_pre_hook(pre_hook, with_kwargs=True), ctx.technique)
-    ctx.patcher.add_handle(ctx.unet.register_forward_hook(hook, with_kwargs=True), ctx.technique)
+    def _shift(self, out: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+        ctx, clock = self.ctx, self.clock
+        if self.shift is None or clock.step != shift_step(self.shift, ctx.hires, ctx.hires_planned, clock.total_steps):
+            return None
+        sigma = self.sigmas(out, _call_inputs(args, kwargs)[1])
+        if sigma is None:
+            return None
+        c_out = denoiser_scalings(sigma, self.prediction)[1]
+        return -torch.tensor(self.shift, dtype=torch.float64, device=out.device).view(1, -1, 1, 1) / c_out
 
 
 def _apply_saturation(ctx: Any, values: dict[str, Any]) -> None:

@@ -112,6 +112,14 @@ def is_cheap(values: dict[str, Any], clock: Any, full: frozenset[int]) -> bool:
 runs_in_pass = first_pass_or_hires_box
 
 
+def idle(values: dict[str, Any], umap: Any, where: Any) -> str | None:
+    clock = where.clock
+    if clock is not None and not cheap_steps(values, clock):
+        return (f"no step of this {clock.total_steps}-step pass is cheap (interval {values['interval']}, "
+                "start/end window)")
+    return None
+
+
 def shallow_range(level: int, num_inputs: int, num_outputs: int) -> tuple[int, int]:
     """(last input block, first output block) that a cheap step runs, for level k clamped to the model."""
     k = min(level, num_inputs - 1, num_outputs - 1)
@@ -151,6 +159,9 @@ class DeepCacheState:
     first_output: int
     cheap_scheduled: Any  # (clock) -> bool
     control: bool = False  # the last call saw control residuals
+    calls: int = 0  # UNet calls seen, calls that took the shortcut, full calls because of residuals
+    cheap_calls: int = 0
+    control_calls: int = 0
     entries: dict[Hashable, tuple[torch.Tensor, dict[Any, torch.Size]]] = field(default_factory=dict)
     levels: dict[int, float] = field(default_factory=dict)  # call index -> last noise level
     passes: int | None = None
@@ -173,7 +184,9 @@ class DeepCacheState:
         sid = (clock.passes, clock.step)
         if sid != self.step_id:
             self.step_id, self.step_full = sid, not self.cheap_scheduled(clock)
+        self.calls += 1
         if self.control or call.control:
+            self.control_calls += not self.step_full
             self.step_full = True
         rows = call.rows()
         key = (index, tuple(call.x.shape), None if rows is None else tuple(map(tuple, rows)))
@@ -187,6 +200,15 @@ class DeepCacheState:
             call.state["deepcache_key"] = key
             return
         call.shortcut = Shortcut(self.last_input, self.first_output, *cached)
+        self.cheap_calls += 1
+
+    def idle(self) -> str | None:
+        """After the pass: why no call took a cheap step (None when one did, or no call ran)."""
+        if not self.calls or self.cheap_calls:
+            return None
+        if self.control_calls:
+            return "every step ran in full because ControlNet / T2I-Adapter residuals applied on the cheap steps"
+        return "every step ran in full (no valid cache on the cheap steps)"
 
     def capture(self, i: int, h: torch.Tensor, skip: torch.Tensor, call: UNetCall) -> tuple[torch.Tensor, torch.Tensor]:
         """On a full call, keep the h entering output_blocks[first_output] (before other techniques'
@@ -209,10 +231,6 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
     if not runs_in_pass(values, ctx.hires):
         return
     clock = ctx.clock
-    if not cheap_steps(values, clock):
-        ctx.warn(f"no step of this {clock.total_steps}-step pass is cheap (interval {values['interval']}, "
-                 "start/end window); nothing to do")
-        return
     num_inputs, num_outputs = len(ctx.map.inputs), len(ctx.map.outputs)
     last_input, first_output = shallow_range(values["level"], num_inputs, num_outputs)
     if last_input != values["level"]:
@@ -240,3 +258,4 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
     ctx.hook("end", state.end)
     ctx.forward_hooks().watch_residuals.add(first_output)
     ctx.patcher.on_restore(state.entries.clear, ctx.technique)
+    ctx.idle_after(state.idle)

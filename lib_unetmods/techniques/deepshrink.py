@@ -2,7 +2,14 @@
 block so the deeper blocks run near the training resolution, and resize h back to each skip's
 exact size before the decoder concats. Semantics of ComfyUI's `PatchModelAddDownscale` / Forge's
 "Kohya HRFix Integrated" (block, factor, window, methods, downscale after skip), plus kohya's and
-wcde's second window and wcde's smooth scaling."""
+wcde's second window and wcde's smooth scaling.
+
+Each host keeps its own Upsample: on A1111 ldm's plain x2, after which h is resized to the skip
+(the A1111 anchor: wcde / ComfyUI's algorithm block by block on ldm's blocks); on Forge its
+Upsample goes straight to the next skip's shape, as Forge's built-in Kohya HRFix and ComfyUI do,
+so Forge gives its built-in's image in every setting. The two agree where the full-size skip is
+met at a concat (the defaults) and differ slightly where an Upsample leaves a shrunk size
+(downscale after skip off, factors other than 2)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -179,14 +186,23 @@ def check_blocks(windows: list[Window], umap: Any) -> None:
                           f"(valid input blocks: 1-{last})")
 
 
+def idle(values: dict[str, Any], umap: Any, where: Any) -> str | None:
+    """Nothing to do at factor 1 or when no window covers a step; Refused for a missing block."""
+    windows = windows_of(values)
+    if umap is not None:
+        check_blocks(windows, umap)
+    if values["factor"] == 1:
+        return "a downscale factor of 1 keeps every size"
+    if where.clock is not None and not any(window_steps(w, where.clock) for w in windows):
+        return f"the window covers no step of this {where.clock.total_steps}-step pass"
+    return None
+
+
 def apply(ctx: Any, values: dict[str, Any]) -> None:
     if not runs_in_pass(values, ctx.hires):
         return
     windows = windows_of(values)
     check_blocks(windows, ctx.map)
-    if not any(window_steps(w, ctx.clock) for w in windows):
-        ctx.warn(f"the window covers no step of this {ctx.clock.total_steps}-step pass; nothing to do")
-        return
     clock = ctx.clock
     down, up = values["downscale_method"], values["upscale_method"]
 
@@ -198,7 +214,6 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
         if size == tuple(h.shape[-2:]):
             return h
         call.state[STATE_KEY] = size
-        call.x2_upsample = True
         return resize(h, size, down)
 
     def match_skip(i: int, h: torch.Tensor, size: tuple[int, ...], call: Any) -> torch.Tensor:

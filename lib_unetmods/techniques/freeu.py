@@ -159,6 +159,28 @@ def step_ratio(values: dict[str, Any], window: tuple[float, float], clock: Any) 
 
 runs_in_pass = first_pass_or_hires_box
 
+NEUTRAL = {f"{k}{n}": 1.0 for n in STAGES for k in ("b", "s", "high")}  # every factor 1: FreeU changes nothing
+
+
+def idle(values: dict[str, Any], umap: Any, where: Any) -> str | None:
+    if all(values[k] == v for k, v in NEUTRAL.items()):
+        return "every backbone, skip and high-end scale is 1"
+    clock = where.clock
+    if clock is not None:
+        window = pass_window(values, clock.hires)
+        probe = type(clock)()
+        probe.start(clock.total_steps, clock.hires)
+        if not any(_ratio_at(values, window, probe, step) > 0 for step in range(clock.total_steps)):
+            return f"its window covers no step of this {clock.total_steps}-step pass"
+    if umap is not None and not any(stage_of(c, umap.model_channels) for c in umap.h_channels):
+        return "no decoder join has 4x, 2x or 1x the model channels"
+    return None
+
+
+def _ratio_at(values: dict[str, Any], window: tuple[float, float], clock: Any, step: int) -> float:
+    clock.begin_step(step)
+    return step_ratio(values, window, clock)
+
 
 def freeu_join(h: torch.Tensor, skip: torch.Tensor, values: dict[str, Any], stage: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder join: the stage's factors, interpolated towards 1 by the schedule ratio."""

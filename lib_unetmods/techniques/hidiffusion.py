@@ -24,9 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..families import SD1, SD2, SDXL, ByFamily, layout, native_side
 from ..forward import Refused, UNetCall
 from ..params import Param, TechniqueSpec, first_pass_or_hires_box
-from ..families import SD1, SD2, SDXL, ByFamily, layout, native_side
+from ..patcher import current_forward
 from ..unet_map import AttentionLayer, UNetMap
 
 AGGRESSIVE_STEP = 8  # of 50: the reference's aggressive_step
@@ -144,11 +145,64 @@ def schedule(family: str, values: dict[str, Any], height: int, width: int, total
     return Schedule((0, int(n * rad_ratio)), (0, int(n * pool_ratio)))
 
 
+def is_inpainting(unet: Any) -> bool:
+    """An inpainting UNet (9 input channels) takes the reference table's inpainting column."""
+    return getattr(unet, "in_channels", 4) == 9
+
+
+def pass_schedule(family: str, values: dict[str, Any], hw: tuple[int, int], total_steps: int,
+                  unet: Any = None) -> Schedule:
+    """RAU-Net's windows for a latent of hw (height, width) in a pass of total_steps: the one call
+    the run (per UNet call), the composition rules and the schedule preview all make."""
+    return schedule(family, values, int(hw[0]), int(hw[1]), total_steps, is_inpainting(unet))
+
+
 def msw_active(values: dict[str, Any], clock: Any) -> bool:
     return clock.in_window(values["msw_start"], values["msw_end"])
 
 
 runs_in_pass = first_pass_or_hires_box
+
+
+def rau_idle(values: dict[str, Any], umap: Any, where: Any) -> str | None:
+    """Why RAU-Net has nothing to do in this pass (None: it acts or may act)."""
+    if not values["rau_net"]:
+        return "RAU-Net is off"
+    if umap is not None:  # blocks that do not fit raise Refused, as the run does
+        rau_pair(umap, values["rau_blocks"]), pool_pair(umap, values["pool_blocks"])
+    if where.hw is None or where.clock is None:
+        return None
+    family = umap.family if umap is not None else where.family
+    sched = pass_schedule(family, values, where.hw, where.clock.total_steps, umap.unet if umap is not None else None)
+    if any(end > start for start, end in (sched.rad, sched.pool)):
+        return None
+    h, w = where.hw
+    if values["auto"] and not values["custom_windows"] and h * w <= native_side(family) ** 2:
+        return f"RAU-Net is not needed at {w * 8}x{h * 8} (at or below the native size)"
+    return f"RAU-Net's windows cover no step of this {where.clock.total_steps}-step pass"
+
+
+def msw_idle(values: dict[str, Any], umap: Any, where: Any) -> str | None:
+    if not values["msw_msa"]:
+        return "MSW-MSA is off"
+    if where.clock is not None and not where.clock.window_steps(values["msw_start"], values["msw_end"]):
+        return f"MSW-MSA's window covers no step of this {where.clock.total_steps}-step pass"
+    return None
+
+
+def idle(values: dict[str, Any], umap: Any, where: Any) -> str | None:
+    if umap is not None and umap.family not in DEFAULT_BLOCKS:
+        raise Refused(f"no HiDiffusion layout for the {umap.family} UNet")
+    msw = msw_idle(values, umap, where)
+    try:
+        rau = rau_idle(values, umap, where)
+    except Refused:
+        if msw is not None:  # nothing else would run: skipped with RAU-Net's reason
+            raise
+        return None  # MSW-MSA runs; RAU-Net is skipped with its message when applied
+    if rau is not None and msw is not None:
+        return "RAU-Net and MSW-MSA are both off" if not (values["rau_net"] or values["msw_msa"]) else f"{rau}; {msw}"
+    return None
 
 
 # --- RAU-Net operators -----------------------------------------------------------------------
@@ -299,7 +353,7 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
             if not values["msw_msa"]:
                 raise
             ctx.warn(f"RAU-Net skipped: {e}")
-    if values["msw_msa"]:
+    if values["msw_msa"] and msw_idle(values, ctx.map, ctx.pass_info) is None:
         _apply_msw_msa(ctx, values)
 
 
@@ -307,17 +361,15 @@ def _apply_rau_net(ctx: Any, values: dict[str, Any]) -> None:
     umap, clock, unet = ctx.map, ctx.clock, ctx.unet
     rad_in, rau_out = rau_pair(umap, values["rau_blocks"])
     pool_in, pool_out = pool_pair(umap, values["pool_blocks"])
-    inpainting = getattr(unet, "in_channels", 4) == 9
-    if ctx.latent_shape is not None and values["auto"] and not values["custom_windows"]:
-        h, w = ctx.latent_shape[-2:]
-        if h * w <= native_side(umap.family) ** 2:
-            ctx.warn(f"RAU-Net is not needed at {w * 8}x{h * 8} (at or below the native size)"
-                     + ("; only MSW-MSA runs" if values["msw_msa"] else "; nothing to do"))
+    if ctx.latent_shape is not None:
+        reason = rau_idle(values, umap, ctx.pass_info)
+        if reason is not None:
+            ctx.warn(reason + ("; only MSW-MSA runs" if values["msw_msa"] else "; nothing to do"))
             return
     current: list[UNetCall | None] = [None]
 
     def begin(call: UNetCall) -> None:
-        sched = schedule(umap.family, values, *call.x.shape[-2:], clock.total_steps, inpainting)
+        sched = pass_schedule(umap.family, values, call.x.shape[-2:], clock.total_steps, unet)
         call.state[STATE_KEY] = sched.active(clock.step)
         current[0] = call
 
@@ -332,7 +384,7 @@ def _apply_rau_net(ctx: Any, values: dict[str, Any]) -> None:
     ctx.patcher.add_handle(unet.register_forward_hook(drop, always_call=True), ctx.technique)
 
     downsample = _child(unet.input_blocks[rad_in], "Downsample")
-    down_forward = downsample.forward
+    down_forward = current_forward(downsample)
 
     def rad_forward(x: torch.Tensor) -> torch.Tensor:
         return rad(downsample.op, x) if active()[0] else down_forward(x)
@@ -361,7 +413,7 @@ def _apply_rau_net(ctx: Any, values: dict[str, Any]) -> None:
 
 def _wrap_upsample(ctx: Any, upsample: nn.Module, is_rau: bool, mode: str, current: list[UNetCall | None],
                    active: Callable[[], tuple[bool, bool]]) -> None:
-    previous = upsample.forward
+    previous = current_forward(upsample)
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:  # Forge passes output_shape
         call = current[0]
@@ -384,6 +436,14 @@ def _apply_msw_msa(ctx: Any, values: dict[str, Any]) -> None:
         sizes[id(module)] = tuple(args[0].shape[-2:])
 
     hooked: set[int] = set()
+    messages = ctx.messages  # reported again after the pass (host.finish_pass)
+
+    def yielded() -> None:
+        message = (f"{SPEC.title}: another extension gives self-attention a context (e.g. a Forge attn1_patch): "
+                   "MSW-MSA yields to it on those calls")
+        if message not in messages:
+            messages.append(message)
+
     for index, layer in enumerate(msw_layers(ctx.map)):
         attn = layer.module
         if "forward" in attn.__dict__:
@@ -393,17 +453,19 @@ def _apply_msw_msa(ctx: Any, values: dict[str, Any]) -> None:
         if id(transformer) not in hooked:
             ctx.patcher.add_handle(transformer.register_forward_pre_hook(record_size), ctx.technique)
             hooked.add(id(transformer))
-        forward = _msw_forward(attn, index, lambda t=transformer: sizes.get(id(t)), clock, seed, values)
+        forward = _msw_forward(attn, index, lambda t=transformer: sizes.get(id(t)), clock, seed, values, yielded)
         ctx.patcher.set_attr(attn, "forward", forward, ctx.technique)
 
 
 def _msw_forward(attn: nn.Module, index: int, size: Callable[[], tuple[int, int] | None], clock: Any, seed: int,
-                 values: dict[str, Any]) -> Callable[..., torch.Tensor]:
+                 values: dict[str, Any], yielded: Callable[[], None] = lambda: None) -> Callable[..., torch.Tensor]:
     def own(x: torch.Tensor, context: Any = None, mask: Any = None, **kwargs: Any) -> torch.Tensor:
         return type(attn).forward(attn, x, context=context, mask=mask, **kwargs)  # the host's attention kernel
 
     def forward(x: torch.Tensor, context: Any = None, mask: Any = None, **kwargs: Any) -> torch.Tensor:
         hw = size()
+        if context is not None:
+            yielded()
         if (context is not None or mask is not None or hw is None or min(hw) < 2
                 or x.shape[1] != hw[0] * hw[1] or not msw_active(values, clock)):
             return own(x, context, mask, **kwargs)  # merged tokens (ToMe), cross-attention or outside the window

@@ -165,11 +165,6 @@ def depth_layers(umap: UNetMap, max_depth: int = 3) -> list[tuple[AttentionLayer
     return [(a, d) for a, d in found if d is not None and d <= max_depth]
 
 
-def tiled_levels(umap: UNetMap, max_depth: int) -> set[int]:
-    """Resolution levels where HyperTile wraps attn1 (for the composition rules)."""
-    return {a.level for a, _ in depth_layers(umap, max_depth)}
-
-
 # --- wiring ------------------------------------------------------------------------------
 
 class _LatentSize:
@@ -178,8 +173,21 @@ class _LatentSize:
 
     def __init__(self) -> None:
         self.hw: tuple[int, int] | None = None
+        self.calls = 0  # UNet calls seen, layer calls cut into more than one tile, layer calls left to another patch
+        self.tiled = 0
+        self.yielded = 0
+
+    def idle(self) -> str | None:
+        """After the pass: why no layer was tiled (None when one was, or no call ran)."""
+        if not self.calls or self.tiled:
+            return None
+        if self.yielded:
+            return ("another extension gives self-attention a context (e.g. a Forge attn1_patch): HyperTile yields "
+                    "to it and tiled no layer")
+        return "no layer was split into tiles in this pass"
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.calls += 1
         x = args[0] if args else kwargs.get("x")
         self.hw = tuple(x.shape[-2:]) if isinstance(x, torch.Tensor) and x.ndim == 4 else None
 
@@ -188,6 +196,8 @@ def _tiled_forward(original: Callable[..., torch.Tensor], depth: int, size: _Lat
                    rng: random.Random) -> Callable[..., torch.Tensor]:
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         cross = any(a is not None for a in args) or any(kwargs.get(k) is not None for k in ("context", "value", "mask"))
+        if cross:  # self-attention given a context: another extension's patch (Forge's attn1_patch) owns it
+            size.yielded += 1
         grid = None if size.hw is None or x.ndim != 3 or cross else layer_grid(x.shape[1], *size.hw)
         if grid is None:  # not plain self-attention on a spatial grid: leave it whole
             return original(x, *args, **kwargs)
@@ -195,6 +205,8 @@ def _tiled_forward(original: Callable[..., torch.Tensor], depth: int, size: _Lat
         min_tile = latent_tile_size(size.hw[1] * 8, size.hw[0] * 8, values["tile_size"]) * 2 ** depth
         nh = random_divisor(h, min_tile, values["swap_size"], rng)
         nw = random_divisor(w, min_tile, values["swap_size"], rng)
+        if nh * nw > 1:
+            size.tiled += 1
         return tiled(original, x, h, w, nh, nw, *args, **kwargs)
 
     return forward
@@ -202,6 +214,29 @@ def _tiled_forward(original: Callable[..., torch.Tensor], depth: int, size: _Lat
 
 def runs_in_pass(values: dict[str, Any], hires: bool) -> bool:
     return values["hires" if hires else "first_pass"]
+
+
+def splits(values: dict[str, Any], depth: int, level: int, hw: tuple[int, int]) -> bool:
+    """Whether a layer at `depth` on resolution `level` can be cut into more than one tile for a
+    latent of hw (the candidates of both sides; the random draw picks among them)."""
+    h, w = (-(-side // 2 ** level) for side in hw)
+    min_tile = latent_tile_size(hw[1] * 8, hw[0] * 8, values["tile_size"]) * 2 ** depth
+    return any(max(tile_counts(side, min_tile, values["swap_size"])) > 1 for side in (h, w))
+
+
+def split_levels(umap: UNetMap, values: dict[str, Any], hw: tuple[int, int] | None) -> set[int]:
+    """Resolution levels where some wrapped layer splits (every wrapped level where hw is unknown)."""
+    return {a.level for a, d in depth_layers(umap, values["max_depth"]) if hw is None or splits(values, d, a.level, hw)}
+
+
+def idle(values: dict[str, Any], umap: UNetMap | None, where: Any) -> str | None:
+    if umap is None:
+        return None
+    if not depth_layers(umap, values["max_depth"]):
+        return f"no self-attention layer at depth <= {values['max_depth']} in this {umap.family} UNet"
+    if where.hw is not None and not split_levels(umap, values, where.hw):
+        return f"no layer splits into tiles at {where.hw[1] * 8}x{where.hw[0] * 8} (every tile would be the whole layer)"
+    return None
 
 
 def apply(ctx: Any, values: dict[str, Any]) -> None:
@@ -217,3 +252,4 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
     for layer, depth in layers:
         module = layer.module
         ctx.patcher.set_attr(module, "forward", _tiled_forward(current_forward(module), depth, size, values, rng), ctx.technique)
+    ctx.idle_after(size.idle)

@@ -227,6 +227,8 @@ def make_plan(family: str, num_levels: int, conv_names: Mapping[str, str], ratio
     stop = values["stop"] or config.tau / 50
     ndcfg_on = values["ndcfg"] == "on" or (values["ndcfg"] == "auto" and config.ndcfg_tau > 0)
     ndcfg = {ldm: _scaled(lookup(config.ndcfg, name, family), k_user) for ldm, name in conv_names.items()} if ndcfg_on else None
+    if ndcfg is not None and all(d <= 1 for d in (*ndcfg.values(), *dilate.values())):
+        ndcfg = None  # at or below the native size: the milder pass would be the plain pass again (+50 % for nothing)
     ndcfg_stop = values["ndcfg_stop"] or (config.ndcfg_tau / 50 if config.ndcfg_tau else stop)
     progressive = values["progressive"] == "on" or (values["progressive"] == "auto" and config.progressive)
     disperse = frozenset(ldm for ldm, name in conv_names.items() if lookup(dict.fromkeys(DISPERSE[family], 2.0), name, family) > 1)
@@ -463,6 +465,19 @@ def plan_for(umap: Any, values: Mapping[str, Any], size: tuple[int, ...], convs:
     """The plan for a latent of `size` (h, w); inactive at or below the native pixel count."""
     ratio = pixel_ratio((size[0], size[1]), native_size(umap.family, values))
     return make_plan(umap.family, umap.num_levels, conv_names(umap) if convs is None else convs, ratio, values)
+
+
+def idle(values: dict[str, Any], umap: Any, where: Any) -> str | None:
+    """Nothing to do at or below the native pixel count (NDCFG included: its milder pass would be
+    the plain one); raises Refused on a UNet without the convs."""
+    if umap is None:
+        return None
+    if not conv_names(umap):
+        raise Refused("no ResBlock / Downsample / Upsample 3x3 convs found")
+    if where.hw is None or plan_for(umap, values, where.hw).active:
+        return None
+    native = native_size(umap.family, values)
+    return f"{where.hw[1] * 8}x{where.hw[0] * 8} is not above the native {native}x{native} pixel count"
 
 
 def apply(ctx: Any, values: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..families import ByFamily
-from ..params import Param, TechniqueSpec
+from ..params import NOT_THIS_PASS, Param, TechniqueSpec
 from ..patcher import current_forward
 
 AUTO_MAX_DOWNSAMPLE = ByFamily({"sd1": 1, "sd2": 1, "sdxl": 2, "sdxl_refiner": 2})  # SDXL has no attention at x1
@@ -281,6 +281,18 @@ def _latent_size_hook(state: MergeState, clock: Any, start: float, end: float) -
 def pass_ratio(values: dict[str, Any], hires: bool) -> float:
     """The merge ratio of the pass (0 = ToMe off in it)."""
     return (values["hr_ratio"] or values["ratio"]) if hires else values["ratio"]
+
+
+def idle(values: dict[str, Any], umap: Any, where: Any) -> str | None:
+    clock = where.clock
+    ratios = [pass_ratio(values, clock.hires)] if clock is not None else [pass_ratio(values, h) for h in (False, True)]
+    if max(ratios) <= 0:
+        return NOT_THIS_PASS  # ratio 0: ToMe is off in this pass by choice, nothing to say
+    if not any(values[flag] for flag, _ in SITES):
+        return "attention, cross-attention and MLP merging are all off"
+    if clock is not None and not clock.window_steps(values["start"], values["end"]):
+        return f"its start/end window covers no step of this {clock.total_steps}-step pass"
+    return None
 
 
 def apply(ctx: Any, values: dict[str, Any]) -> None:

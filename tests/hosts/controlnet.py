@@ -12,6 +12,11 @@ behaves for the UNet:
   bound class forward as an instance attribute, the leftover the extension must not mistake for
   another extension's forward.
 
+- T2I-Adapters (the same hooked forward, scripts/hook.py): their residuals are added to `h` right
+  after input blocks 2, 5, 8, 11 (SD1) or 3, 5, 8 (SDXL, plus one on the middle output), before
+  `h` is saved as a skip (`t2i_injection`, `aligned_adding`). `adapter=True` makes this stand-in
+  a T2I-Adapter unit: its residuals go there and the ControlNet ones are 0.0.
+
 The control model here is a copy of the UNet's encoder (without its hooks) taken at construction (a ControlNet is a
 trained copy of it), fed x plus a fixed hint; its outputs times `scale` are the residuals, and
 only while `active()` says so (ControlNet's guidance start/end), else 0.0 floats.
@@ -45,9 +50,10 @@ def resizing_cat(tensors: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
 
 class ControlNetHook:
     def __init__(self, unet: nn.Module, scale: float = 1.0, active: Callable[[], bool] = lambda: True, seed: int = 0,
-                 control_model: bool = True) -> None:
-        """scale 0: residuals of zeros (tensors); control_model False: never active (its forward only)."""
-        self.unet, self.scale = unet, scale
+                 control_model: bool = True, adapter: bool = False) -> None:
+        """scale 0: residuals of zeros (tensors); control_model False: never active (its forward only);
+        adapter: a T2I-Adapter unit (residuals on h after the injection blocks)."""
+        self.unet, self.scale, self.adapter = unet, scale, adapter
         self.active = active if control_model else lambda: False
         self.control_model = self._copy_encoder(unet) if control_model else None
         self.hint = torch.randn(1, unet.in_channels, 1, 1, generator=torch.Generator().manual_seed(seed))
@@ -80,22 +86,41 @@ class ControlNetHook:
         outs.append(cm["middle_block"](h, emb, context) * self.scale)
         return outs
 
+    def injection_blocks(self) -> list[int]:
+        """sd-webui-controlnet's `t2i_injection`: [3, 5, 8] for SDXL, else [2, 5, 8, 11]."""
+        return [3, 5, 8] if self.unet.num_classes is not None else [2, 5, 8, 11]
+
+    def split(self, outs: list[Any]) -> tuple[list[Any], list[Any]]:
+        """(ControlNet residuals: one per skip and the middle, adapter residuals in injection order)."""
+        n = len(outs)
+        if not self.adapter:
+            return outs, [0.0] * 4
+        adapter = [outs[i] for i in self.injection_blocks() if i < n - 1]
+        if self.unet.num_classes is not None:
+            adapter.append(outs[-1])
+        return [0.0] * n, adapter
+
     def hook(self) -> None:
         unet, outer = self.unet, self
 
         def forward(self: nn.Module, x: torch.Tensor, timesteps: Any = None, context: Any = None, y: Any = None,
                     **kwargs: Any) -> torch.Tensor:
             outer.calls += 1
-            control = outer.residuals(x, timesteps, context, y)
+            control, adapter = outer.split(outer.residuals(x, timesteps, context, y))
             emb = self.time_embed(timestep_embedding(timesteps, self.model_channels, repeat_only=False))
             if self.num_classes is not None:
                 emb = emb + self.label_emb(y)
             hs, h = [], x
-            for module in self.input_blocks:
+            injection = outer.injection_blocks()
+            for i, module in enumerate(self.input_blocks):
                 h = module(h, emb, context)
+                if i in injection and adapter:
+                    h = aligned_adding(h, adapter.pop(0))
                 hs.append(h)
             h = self.middle_block(h, emb, context)
             h = aligned_adding(h, control.pop())
+            if adapter and self.num_classes is not None:
+                h = aligned_adding(h, adapter.pop(0))
             for module in self.output_blocks:
                 h = resizing_cat([h, aligned_adding(hs.pop(), control.pop())], dim=1)
                 h = module(h, emb, context)

@@ -11,9 +11,11 @@ backend/sampling/sampling_function.py; read, not copied).
   transformer_options)`, `Upsample(x, output_shape)` resizing to that shape by nearest, and
   Linear layers that are not `nn.Linear`. The transformer internals stay ldm's.
 - `UnetPatcher`: model_options with the one `model_function_wrapper` slot, block modifiers,
-  post-CFG functions; `clone()` deep-copies model_options as Forge's does.
+  input/output block patches (`set_model_input_block_patch[_after_skip]`, `set_model_output_block_patch`), post-CFG functions; `clone()` deep-copies model_options as Forge's does.
 - `sample()`: Forge's batch layout: the uncond chunk before the cond chunk in one call, or one
-  call per chunk (`split`), each with `transformer_options` carrying `cond_or_uncond`,
+  call per chunk (`split`); `layout="cfg1"` (CFG scale 1: cond rows only) and `layout="and"` (an
+  AND-prompt: one chunk per cond, `cond_or_uncond` [1, 0, 0]) and `layout="area"` (an area prompt:
+  its cond runs in its own call on input_x cropped to the area), each with `transformer_options` carrying `cond_or_uncond`,
   `cond_indices`, `uncond_indices`, `sigmas`; `KModel.apply_model` scaling (the UNet output is
   turned into the denoised latent) and CFG on the denoised latents; the clock is advanced per step
   and given no batch layout (Forge's cfg-denoiser callback sees the undoubled x).
@@ -32,6 +34,13 @@ from lib_unetmods.clock import StepClock
 from lib_unetmods.lab.sampler import sd_sigmas, sigma_to_t
 
 COND, UNCOND = 0, 1
+AND_COND = 2  # the stand-in's second cond of an AND-prompt (Forge marks it 0, like every cond)
+AREA_COND = 3  # a cond with an area: Forge crops input_x to it (sampling_function.get_area_and_mult)
+
+
+def _crop(x: torch.Tensor) -> torch.Tensor:
+    """The area of the stand-in's area prompt: the top-left quarter, as Forge crops input_x to an area."""
+    return x[..., : x.shape[-2] // 2, : x.shape[-1] // 2]
 
 
 def apply_control(h: torch.Tensor, control: dict[str, list[Any]] | None, name: str) -> torch.Tensor:
@@ -190,6 +199,19 @@ class UnetPatcher:
     def set_model_unet_function_wrapper(self, fn: Callable[..., Any]) -> None:
         self.model_options["model_function_wrapper"] = fn
 
+    def _add_patch(self, name: str, fn: Callable[..., Any]) -> None:
+        patches = self.model_options["transformer_options"].setdefault("patches", {})
+        patches[name] = patches.get(name, []) + [fn]
+
+    def set_model_input_block_patch(self, fn: Callable[..., Any]) -> None:
+        self._add_patch("input_block_patch", fn)
+
+    def set_model_input_block_patch_after_skip(self, fn: Callable[..., Any]) -> None:
+        self._add_patch("input_block_patch_after_skip", fn)
+
+    def set_model_output_block_patch(self, fn: Callable[..., Any]) -> None:
+        self._add_patch("output_block_patch", fn)
+
     def add_block_modifier(self, fn: Callable[..., Any]) -> None:
         self.model_options["transformer_options"].setdefault("block_modifiers", []).append(fn)
 
@@ -206,23 +228,37 @@ def _indices(cond_or_uncond: list[int], rows: int) -> tuple[list[int], list[int]
 
 def calc_cond_uncond_batch(patcher: UnetPatcher, cond: torch.Tensor, uncond: torch.Tensor, x: torch.Tensor,
                            sigma: torch.Tensor, split: bool, control: Callable[..., Any] | None,
-                           y: torch.Tensor | None = None, y_uncond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One model evaluation of a step: chunks run uncond first (Forge reverses its to-run list)."""
+                           y: torch.Tensor | None = None, y_uncond: torch.Tensor | None = None,
+                           layout: str = "cfg") -> tuple[torch.Tensor, torch.Tensor]:
+    """One model evaluation of a step: chunks run uncond first (Forge reverses its to-run list).
+    layout "cfg1": at CFG scale 1 Forge drops the uncond chunk, calls hold cond rows only (the
+    uncond prediction is then unused). "and": an AND-prompt, each cond its own chunk, packed in one
+    call (`cond_or_uncond` [1, 0, 0]); the conds' predictions are averaged (equal weights)."""
     model, options = patcher.model, patcher.model_options
-    chunks = {COND: (cond, y), UNCOND: (uncond, y if y_uncond is None else y_uncond)}
-    batches = [[UNCOND], [COND]] if split else [[UNCOND, COND]]
+    chunks = {COND: (cond, y), UNCOND: (uncond, y if y_uncond is None else y_uncond), AND_COND: (cond.flip(1), y),
+              AREA_COND: (cond.flip(1), y)}
+    if layout == "area":  # an area prompt: its chunk has another input shape, so it runs in its own call
+        batches = [[UNCOND, COND], [AREA_COND]]
+    elif layout == "cfg1":
+        batches = [[COND]]
+    elif layout == "and":
+        batches = [[UNCOND], [COND], [AND_COND]] if split else [[UNCOND, COND, AND_COND]]
+    else:
+        batches = [[UNCOND], [COND]] if split else [[UNCOND, COND]]
     out: dict[int, torch.Tensor] = {}
-    for cond_or_uncond in batches:
+    for chunk_ids in batches:
+        cond_or_uncond = [UNCOND if k == UNCOND else COND for k in chunk_ids]
         n = len(cond_or_uncond)
-        input_x = torch.cat([x] * n)
+        area = chunk_ids == [AREA_COND]
+        input_x = torch.cat([_crop(x) if area else x] * n)
         timestep = torch.cat([sigma] * n)
         to = dict(options["transformer_options"])
         to["cond_or_uncond"] = cond_or_uncond[:]
         to["sigmas"] = sigma
         to["cond_indices"], to["uncond_indices"] = _indices(cond_or_uncond, x.shape[0])
-        c: dict[str, Any] = {"c_crossattn": torch.cat([chunks[k][0] for k in cond_or_uncond]), "transformer_options": to}
+        c: dict[str, Any] = {"c_crossattn": torch.cat([chunks[k][0] for k in chunk_ids]), "transformer_options": to}
         if y is not None:
-            c["y"] = torch.cat([chunks[k][1] for k in cond_or_uncond])
+            c["y"] = torch.cat([chunks[k][1] for k in chunk_ids])
         if control is not None:
             c["control"] = control(input_x, timestep, c)
         if "model_function_wrapper" in options:
@@ -230,15 +266,21 @@ def calc_cond_uncond_batch(patcher: UnetPatcher, cond: torch.Tensor, uncond: tor
                                                                           "cond_or_uncond": cond_or_uncond})
         else:
             output = model.apply_model(input_x, timestep, **c)
-        for k, o in zip(cond_or_uncond, output.chunk(n)):
+        for k, o in zip(chunk_ids, output.chunk(n)):
             out[k] = o
-    return out[COND], out[UNCOND]
+    if layout == "and":
+        out[COND] = (out[COND] + out[AND_COND]) / 2
+    if layout == "area":  # the area's prediction averaged in where it covers (Forge: out_cond += o * mult; / counts)
+        h, w = out[AREA_COND].shape[-2:]
+        out[COND] = out[COND].clone()
+        out[COND][..., :h, :w] = (out[COND][..., :h, :w] + out[AREA_COND]) / 2
+    return out[COND], out.get(UNCOND, out[COND])
 
 
 @torch.no_grad()
 def sample(patcher: UnetPatcher, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, steps: int,
            clock: StepClock, cfg_scale: float = 7.0, split: bool = False, control: Callable[..., Any] | None = None,
-           y: torch.Tensor | None = None, y_uncond: torch.Tensor | None = None) -> torch.Tensor:
+           y: torch.Tensor | None = None, y_uncond: torch.Tensor | None = None, layout: str = "cfg") -> torch.Tensor:
     """Euler with CFG on denoised latents; the same update as lib_unetmods.lab.sampler.euler_sample."""
     sigmas = sd_sigmas(steps).to(noise.device)
     x = noise * sigmas[0]
@@ -247,7 +289,9 @@ def sample(patcher: UnetPatcher, noise: torch.Tensor, cond: torch.Tensor, uncond
         sigma = float(sigmas[i])
         clock.begin_step(i, sigma)
         s = torch.full((noise.shape[0],), sigma, device=noise.device)
-        cond_pred, uncond_pred = calc_cond_uncond_batch(patcher, cond, uncond, x, s, split, control, y, y_uncond)
+        if layout == "cfg1":
+            cfg_scale = 1.0
+        cond_pred, uncond_pred = calc_cond_uncond_batch(patcher, cond, uncond, x, s, split, control, y, y_uncond, layout)
         denoised = uncond_pred + (cond_pred - uncond_pred) * cfg_scale
         for fn in patcher.model_options.get("sampler_post_cfg_function", []):
             denoised = fn({"denoised": denoised, "cond_denoised": cond_pred, "uncond_denoised": uncond_pred,
@@ -257,15 +301,23 @@ def sample(patcher: UnetPatcher, noise: torch.Tensor, cond: torch.Tensor, uncond
     return x
 
 
-def control_from(residuals: Callable[..., list[Any]]) -> Callable[..., dict[str, list[Any]]]:
+def control_from(residuals: Callable[..., list[Any]], adapter_blocks: list[int] | None = None) -> Callable[..., dict[str, list[Any]]]:
     """Forge's ControlNet `get_control`: a fresh dict of residual lists per UNet call (the forward
-    pops them), skips in input order under "output", the middle one under "middle"."""
+    pops them), skips in input order under "output", the middle one under "middle". With
+    `adapter_blocks`, a T2I-Adapter (backend/patcher/controlnet.py `T2IAdapter.get_control` and
+    `control_merge`): its features fill `control["input"]`, one entry per input block (None where
+    it injects nothing), stored reversed so that the forward's `pop()` after input block i gives
+    block i's; the middle gets the rest (SDXL) and "output" is empty."""
     def get_control(x: torch.Tensor, timestep: torch.Tensor, c: dict[str, Any]) -> dict[str, list[Any]]:
         t = torch.tensor([sigma_to_t(float(v)) for v in timestep], device=x.device)
         s = timestep.view(-1, 1, 1, 1)
         outs = residuals(x / (s ** 2 + 1) ** 0.5, t, c["c_crossattn"], c.get("y"))
         outs = [None if isinstance(o, float) else o for o in outs]
-        return {"input": [], "middle": [outs[-1]], "output": outs[:-1]}
+        if adapter_blocks is None:
+            return {"input": [], "middle": [outs[-1]], "output": outs[:-1]}
+        inputs = [outs[i] if i in adapter_blocks else None for i in range(len(outs) - 1)]
+        sdxl = c.get("y") is not None
+        return {"input": inputs[::-1], "middle": [outs[-1] if sdxl else None], "output": []}
 
     return get_control
 
