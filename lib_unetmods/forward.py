@@ -15,8 +15,9 @@ points cannot run there: `install_forward` refuses with a message.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -65,6 +66,7 @@ class UNetCall:
     # a hook resized the features (Deep Shrink): every Upsample is ldm's plain x2 (Forge's would go
     # to the next skip's shape by nearest), and the to_skip hooks resize h, so all hosts agree
     x2_upsample: bool = False
+    extra: str = ""  # the technique whose extra pass this call is (NDCFG, PAG); "" = a sampler's call
 
     @property
     def control(self) -> bool:
@@ -116,18 +118,31 @@ class ForwardHooks:
         # output blocks at whose concat the skip is compared with the input block's output, to see
         # whether the host adds residuals (one comparison, and on a GPU one sync, per block and call)
         self.watch_residuals: set[int] = set()
+        self.extra = ""  # set while a technique runs an extra pass of the UNet (see extra_pass)
 
     def add(self, point: str, fn: Callable[..., Any], patcher: Patcher, owner: str = "") -> None:
         hooks = self.lists[point]
         hooks.append(fn)
         patcher.on_restore(lambda: hooks.remove(fn), owner)
 
+    @contextmanager
+    def extra_pass(self, owner: str) -> Iterator[None]:
+        """Around a technique's extra UNet call made from an end hook: the nested call is marked
+        (call.extra = owner, so other techniques' end hooks leave it alone) and is not counted as a
+        sampler call of the step."""
+        calls, previous = self.clock.calls_in_step, self.extra
+        self.extra = owner
+        try:
+            yield
+        finally:
+            self.extra, self.clock.calls_in_step = previous, calls
+
     # --- the UNet call ---------------------------------------------------------------------
 
     def _begin(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         x, timesteps, context, y = _split_call(args, kwargs)
         self.clock.calls_in_step += 1
-        call = UNetCall(x, timesteps, context, y, kwargs, self.clock)
+        call = UNetCall(x, timesteps, context, y, kwargs, self.clock, extra=self.extra)
         self.current = call
         for fn in self.lists["begin"]:
             fn(call)

@@ -411,7 +411,7 @@ class Runtime:
     def ndcfg_end(self, out: torch.Tensor, call: Any) -> torch.Tensor:
         plan = self.plan(self.size) if self.size else None
         clock = self.ctx.clock
-        if self.ndcfg_pass or plan is None or not ndcfg_active(plan, clock.step, clock.total_steps):
+        if self.ndcfg_pass or call.extra or plan is None or not ndcfg_active(plan, clock.step, clock.total_steps):
             return out
         rows, batch = call.rows(), out.shape[0]
         if rows is None or (rows[0] and rows[1] and len(rows[0]) % len(rows[1])):
@@ -433,13 +433,12 @@ class Runtime:
         if isinstance(options, dict) and "uncond_indices" in options:  # Forge: describe the uncond-only batch
             kwargs["transformer_options"] = {**options, "cond_or_uncond": [1], "cond_indices": [],
                                              "uncond_indices": list(range(len(uncond)))}
-        calls = clock.calls_in_step
         self.ndcfg_pass = True
-        try:  # the whole UNet again, with every other technique, on the uncond rows only
-            uncond_mild = self.ctx.unet(*_rows(args, index, batch), **kwargs)
+        try:  # the whole UNet again, with every other technique, on the uncond rows only (not a sampler call)
+            with self.ctx.forward_hooks().extra_pass(SPEC.id):
+                uncond_mild = self.ctx.unet(*_rows(args, index, batch), **kwargs)
         finally:
             self.ndcfg_pass = False
-            clock.calls_in_step = calls  # the extra pass is not a sampler call
         if not cond:
             self.pending = (step, uncond_mild - out[uncond])
         return ndcfg_rows(out, uncond_mild, cond, uncond)
