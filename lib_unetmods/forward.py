@@ -151,6 +151,7 @@ class ForwardHooks:
         call, self.current = self.current, None  # cleared first: an end hook may call the UNet again
         if call is None or out is None:  # out is None when the forward raised (always_call)
             return None
+        call.state["output"] = out  # the UNet's own output, before any end hook changed it (PAG reads it)
         for fn in self.lists["end"]:
             out = fn(out, call)
         return out

@@ -82,23 +82,27 @@ def image_shifts(diff: torch.Tensor, cond_images: Sequence[int], images: int) ->
     return total / count.clamp(min=1).view(-1, *[1] * (diff.dim() - 1))
 
 
-def guided_rows(out: torch.Tensor, perturbed: torch.Tensor, cond: Sequence[int], uncond: Sequence[int],
-                cond_images: Sequence[int], uncond_images: Sequence[int], scale: float,
-                cfg_weight: float = 1.0) -> torch.Tensor:
-    """The call's output with the rows shifted so that the host's CFG gives
-    cfg_result + scale * (cond - cond_perturbed) (see the module docstring). `perturbed` holds the
+def guidance_shift(out: torch.Tensor, perturbed: torch.Tensor, cond: Sequence[int], uncond: Sequence[int],
+                   cond_images: Sequence[int], uncond_images: Sequence[int], scale: float,
+                   cfg_weight: float = 1.0) -> torch.Tensor:
+    """What to add to the call's rows so that the host's CFG gives cfg_result + scale * (cond -
+    cond_perturbed) (see the module docstring). `out`: the UNet's own output; `perturbed`: the
     perturbed pass's rows in the order of `cond`; cond_images / uncond_images: the image of each
     row. With uncond rows in the call, every row of an image gets the shift; without, only the cond
     rows, divided by cfg_weight (the CFG scale after a split uncond call, else 1)."""
     images = max([*cond_images, *uncond_images]) + 1
-    shift = scale * image_shifts(out[list(cond)] - perturbed, cond_images, images)
-    result = out.clone()
+    per_image = scale * image_shifts(out[list(cond)] - perturbed, cond_images, images)
+    shift = torch.zeros_like(out)
+    shift[list(cond)] = per_image[list(cond_images)] / (1.0 if uncond else cfg_weight)
     if uncond:
-        result[list(cond)] += shift[list(cond_images)]
-        result[list(uncond)] += shift[list(uncond_images)]
-    else:
-        result[list(cond)] += shift[list(cond_images)] / cfg_weight
-    return result
+        shift[list(uncond)] = per_image[list(uncond_images)]
+    return shift
+
+
+def guided_rows(out: torch.Tensor, perturbed: torch.Tensor, cond: Sequence[int], uncond: Sequence[int],
+                cond_images: Sequence[int], uncond_images: Sequence[int], scale: float,
+                cfg_weight: float = 1.0) -> torch.Tensor:
+    return out + guidance_shift(out, perturbed, cond, uncond, cond_images, uncond_images, scale, cfg_weight)
 
 
 def parse_layers(text: str) -> list[tuple[str, int]]:
@@ -218,7 +222,9 @@ class Runtime:
                 return out
             weight = float(self.ctx.cfg_scale)
         perturbed = self.perturbed_pass(call, cond, batch)
-        return guided_rows(out, perturbed.to(out.dtype), cond, uncond, cond_images, uncond_images, scale, weight)
+        # the difference from the UNet's own cond rows: an earlier end hook (NDCFG) may have shifted `out`
+        raw = call.state.get("output", out)
+        return out + guidance_shift(raw, perturbed.to(out.dtype), cond, uncond, cond_images, uncond_images, scale, weight)
 
     def perturbed_pass(self, call: UNetCall, cond: list[int], batch: int) -> torch.Tensor:
         """The whole UNet again (every other technique included) on the cond rows, the chosen
