@@ -11,7 +11,7 @@ configuration run interleaved in every round (order reversed every other round).
 is the median over rounds of baseline time / its time within the round (min-max over rounds);
 `rel diff` is its distance to the unpatched output, |out - base| / |base|. PAG's row is the cost
 of a step with its extra pass (speed-up below 1: cost = 1 / speed-up). CPU figures from a shared
-machine are noisy: compare rows of one run only.
+machine are noisy: compare rows of one run only; process CPU time (with --threads 1) is steadier than wall time there.
 """
 from __future__ import annotations
 
@@ -50,23 +50,26 @@ def run_case(arch: str, size: int, texts: list[str], rounds: int, unet_size: str
     inputs = example_inputs(unet, batch=2, height=size // 8, width=size // 8)
     labels = ["none", *texts]
     times: dict[str, list[float]] = {k: [] for k in labels}
+    cpu: dict[str, list[float]] = {k: [] for k in labels}  # process CPU time: steadier on a shared machine
     outputs: dict[str, torch.Tensor] = {}
     with torch.no_grad(), sdpa_attention(), webui_cat_fix():
         unet_call(unet, inputs)  # warm-up
         for r in range(rounds):
             for label in labels[::1 if r % 2 == 0 else -1]:
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 outputs[label] = unet_call(unet, inputs) if label == "none" else patched(unet, inputs, label)
                 times[label].append(time.perf_counter() - start)
+                cpu[label].append(time.process_time() - start_cpu)
                 print(f"{arch} {size} round {r + 1} {label:<28} {times[label][-1]:7.2f} s", file=sys.stderr, flush=True)
     base = outputs["none"]
     rows = []
     for label in texts:
-        ups = [b / t for b, t in zip(times["none"], times[label])]
-        rows.append({"arch": arch, "size": size, "unet": unet_size, "mods": label, "rounds": rounds,
-                     "time": statistics.median(times[label]), "baseline": statistics.median(times["none"]),
-                     "speedup": statistics.median(ups), "speedup_min": min(ups), "speedup_max": max(ups),
-                     "rel_diff": float((outputs[label] - base).norm() / base.norm())})
+        for clock, series in (("wall", times), ("cpu", cpu)):
+            ups = [b / t for b, t in zip(series["none"], series[label])]
+            rows.append({"arch": arch, "size": size, "unet": unet_size, "mods": label, "rounds": rounds, "clock": clock,
+                         "time": statistics.median(series[label]), "baseline": statistics.median(series["none"]),
+                         "speedup": statistics.median(ups), "speedup_min": min(ups), "speedup_max": max(ups),
+                         "rel_diff": float((outputs[label] - base).norm() / base.norm())})
     del unet
     return rows
 
@@ -96,12 +99,12 @@ def main() -> None:
         rows += run_case(arch, int(size), texts, args.rounds, args.unet_size)
         for row in rows:
             if row["arch"] == arch and row["size"] == int(size):
-                print(f"{arch:<5} {size:>5} {row['mods']:<28} {row['speedup']:6.3f}x "
+                print(f"{arch:<5} {size:>5} {row['mods']:<28} {row['clock']:>4} {row['speedup']:6.3f}x "
                       f"({row['speedup_min']:.3f}-{row['speedup_max']:.3f}) rel diff {row['rel_diff']:.2e}", flush=True)
     print(f"\n{args.unet_size} UNets, batch 2 (cond+uncond), SDPA, {args.threads} threads, {args.rounds} rounds, CPU")
-    print(f"{'arch':<5} {'size':>5} {'mods':<28} {'median s':>9} {'speed-up':>9} {'min-max':>13} {'rel diff':>9}")
+    print(f"{'arch':<5} {'size':>5} {'mods':<28} {'clock':>5} {'median s':>9} {'speed-up':>9} {'min-max':>13} {'rel diff':>9}")
     for row in rows:
-        print(f"{row['arch']:<5} {row['size']:>5} {row['mods']:<28} {row['time']:>9.2f} {row['speedup']:>8.3f}x "
+        print(f"{row['arch']:<5} {row['size']:>5} {row['mods']:<28} {row['clock']:>5} {row['time']:>9.2f} {row['speedup']:>8.3f}x "
               f"{row['speedup_min']:>6.3f}-{row['speedup_max']:<6.3f} {row['rel_diff']:>9.2e}")
     if args.json:
         with open(args.json, "w") as f:
