@@ -29,6 +29,7 @@ class ApplyContext:
     prediction: str = "eps"  # what the UNet predicts, "eps" or "v" (SD2-768): for output corrections
     hires_planned: bool = False  # this first pass is followed by a hires-fix pass
     base_shape: tuple[int, ...] | None = None  # in the hires pass: the first pass's latent shape
+    cfg_scale: float | None = None  # the host's CFG scale, where known (PAG on split cond/uncond calls)
     messages: list[str] = field(default_factory=list)
     technique: str = ""
     after_pass: dict[str, Callable[[], str | None]] = field(default_factory=dict)
@@ -93,7 +94,7 @@ class Applied:
 def apply_mods(unet: nn.Module, settings: Settings, clock: StepClock, *, seed: int = 0,
                latent_shape: tuple[int, ...] | None = None, vae: nn.Module | None = None,
                prediction: str = "eps", hires_planned: bool = False,
-               base_shape: tuple[int, ...] | None = None) -> Applied:
+               base_shape: tuple[int, ...] | None = None, cfg_scale: float | None = None) -> Applied:
     """Install the enabled techniques for one sampling pass. Call clock.start() for the pass
     first. With nothing enabled, nothing at all is installed on the model."""
     messages = ["removed a leftover patch from an earlier run"] if restore_model(unet) else []
@@ -108,7 +109,7 @@ def apply_mods(unet: nn.Module, settings: Settings, clock: StepClock, *, seed: i
     messages += notes
     patcher = Patcher(unet)
     ctx = ApplyContext(umap, patcher, clock, seed=seed, latent_shape=latent_shape, vae=vae, prediction=prediction,
-                       hires_planned=hires_planned, base_shape=base_shape, messages=messages)
+                       hires_planned=hires_planned, base_shape=base_shape, cfg_scale=cfg_scale, messages=messages)
     applied = []
     for technique in TECHNIQUES:
         tid = technique.SPEC.id

@@ -14,7 +14,7 @@ from typing import Callable
 from .acts import PassInfo, idle_reason
 from .forward import Refused
 from .settings import Settings
-from .techniques import hidiffusion, tome
+from .techniques import hidiffusion, scalecrafter, todo, tome
 from .techniques.hidiffusion import msw_level, pool_pair, rau_pair
 from .techniques.hypertile import split_levels
 from .unet_map import UNetMap
@@ -138,12 +138,53 @@ _DEEPCACHE = (
          _cap_cache_level(_hidiffusion_block), parts=("hidiffusion.rau_net",)),
 )
 
-RULES: tuple[Rule, ...] = (*_TOME, *_SCALECRAFTER, *_HIDIFFUSION, *_DEEPCACHE)
+# ToDo keeps every query and downsamples keys/values: with the other self-attention savers on the
+# same layers it wins over the ones that reorder or window tokens (ToMe, MSW-MSA: their tokens have
+# no spatial grid left to downsample) and runs inside HyperTile's wrapper (on the calls HyperTile
+# splits, each tile attends in full; the calls it leaves whole, too small to split, are downsampled).
+def todo_max_level(values: dict, family: str) -> int:
+    return todo.resolve_max_depth(values["max_depth"], family) - 1
+
+
+def _todo_levels(settings: Settings, umap: UNetMap) -> set[int]:
+    return {a.level for a in umap.self_attention(todo_max_level(settings["todo"], umap.family))}
+
+
+_TODO = (
+    Rule(("todo", "tome"),
+         "ToDo + ToMe: both would reduce the same self-attention layers; ToDo keeps every query and downsamples keys "
+         "and values, so ToMe's attention merging (merge_attn) is off; its cross-attention and MLP merging still apply.",
+         lambda s, m, w: bool(s["tome"]["merge_attn"]) and any(l <= tome_max_level(s["tome"], m.family) for l in _todo_levels(s, m)),
+         _turn_off("tome", "merge_attn")),
+    Rule(("todo", "hidiffusion"),
+         "ToDo + HiDiffusion MSW-MSA: both act on the same self-attention layers; ToDo keeps global attention on "
+         "downsampled keys, so MSW-MSA is off.",
+         lambda s, m, w: _msw_level(s, m) in _todo_levels(s, m), _turn_off("hidiffusion", "msw_msa"),
+         parts=("hidiffusion.msw_msa",)),
+    Rule(("todo", "hypertile"),
+         "ToDo + HyperTile: on the same self-attention layers HyperTile tiles first and each tile attends in full; "
+         "ToDo downsamples the keys of the calls HyperTile leaves whole (layers too small to split at this size).",
+         lambda s, m, w: bool(_todo_levels(s, m) & split_levels(m, s["hypertile"], w.hw)), lambda s, m: None),
+)
+
+# PAG and ScaleCrafter's noise-damped CFG each add a pass and change different rows: both run. NDCFG
+# replaces the uncond rows by a milder-dilated pass, PAG adds scale * (cond - perturbed cond), where the
+# perturbed pass runs with the main pass's dilation (so the difference is the attention perturbation
+# alone); neither extra pass runs the other's (forward.ForwardHooks.extra_pass).
+_PAG = (
+    Rule(("pag", "scalecrafter"),
+         "PAG + ScaleCrafter noise-damped CFG: both extra passes run (about one extra full UNet pass per step): "
+         "guided = NDCFG result + PAG scale * (cond - perturbed cond), the perturbed pass dilated as the main one.",
+         lambda s, m, w: True, lambda s, m: None, parts=("scalecrafter.ndcfg",)),
+)
+
+RULES: tuple[Rule, ...] = (*_TOME, *_TODO, *_SCALECRAFTER, *_HIDIFFUSION, *_DEEPCACHE, *_PAG)
 
 
 _PART_IDLE: dict[str, Callable[[dict, UNetMap, PassInfo], str | None]] = {
     "hidiffusion.rau_net": hidiffusion.rau_idle,
     "hidiffusion.msw_msa": hidiffusion.msw_idle,
+    "scalecrafter.ndcfg": scalecrafter.ndcfg_idle,
 }
 
 

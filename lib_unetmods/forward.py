@@ -15,8 +15,9 @@ points cannot run there: `install_forward` refuses with a message.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -62,6 +63,7 @@ class UNetCall:
     # the host adds residuals: a skip reached its concat changed (ControlNet), or h reached the next
     # block as another tensor than the block returned (sd-webui-controlnet's T2I-Adapters)
     residuals: bool = False
+    extra: str = ""  # the technique whose extra pass this call is (NDCFG, PAG); "" = a sampler's call
 
     @property
     def control(self) -> bool:
@@ -112,18 +114,31 @@ class ForwardHooks:
         # output blocks at whose concat the skip is compared with the input block's output, to see
         # whether the host adds residuals (one comparison, and on a GPU one sync, per block and call)
         self.watch_residuals: set[int] = set()
+        self.extra = ""  # set while a technique runs an extra pass of the UNet (see extra_pass)
 
     def add(self, point: str, fn: Callable[..., Any], patcher: Patcher, owner: str = "") -> None:
         hooks = self.lists[point]
         hooks.append(fn)
         patcher.on_restore(lambda: hooks.remove(fn), owner)
 
+    @contextmanager
+    def extra_pass(self, owner: str) -> Iterator[None]:
+        """Around a technique's extra UNet call made from an end hook: the nested call is marked
+        (call.extra = owner, so other techniques' end hooks leave it alone) and is not counted as a
+        sampler call of the step."""
+        calls, previous = self.clock.calls_in_step, self.extra
+        self.extra = owner
+        try:
+            yield
+        finally:
+            self.extra, self.clock.calls_in_step = previous, calls
+
     # --- the UNet call ---------------------------------------------------------------------
 
     def _begin(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         x, timesteps = _split_call(args, kwargs)
         self.clock.calls_in_step += 1
-        call = UNetCall(x, timesteps, kwargs, self.clock)
+        call = UNetCall(x, timesteps, kwargs, self.clock, extra=self.extra)
         self.current = call
         for fn in self.lists["begin"]:
             fn(call)
@@ -132,6 +147,7 @@ class ForwardHooks:
         call, self.current = self.current, None  # cleared first: an end hook may call the UNet again
         if call is None or out is None:  # out is None when the forward raised (always_call)
             return None
+        call.state["output"] = out  # the UNet's own output, before any end hook changed it (PAG reads it)
         for fn in self.lists["end"]:
             out = fn(out, call)
         return out

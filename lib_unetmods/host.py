@@ -178,7 +178,7 @@ def begin_pass(p: Any, generation: Generation, x_shape: tuple[int, ...] | None, 
         vae=host_vae(p),
         prediction="v" if parameterization == "v" else "eps",
         hires_planned=not hires and bool(getattr(p, "enable_hr", False)),
-        base_shape=generation.first_pass_shape if hires else None,
+        base_shape=generation.first_pass_shape if hires else None, cfg_scale=getattr(p, "cfg_scale", None),
     )
     generation.report(p, generation.applied.messages)
     _follow_sampler_steps(p, generation)

@@ -17,8 +17,8 @@ from .forward import Refused
 from .params import NOT_THIS_PASS
 from .schedules import pass_steps
 from .settings import Settings
-from .techniques import SPECS, cdtuner, deepcache, deepshrink, freeu, hidiffusion, hypertile, scalecrafter, tome
 from .families import SD1, title
+from .techniques import SPECS, cdtuner, deepcache, deepshrink, freeu, hidiffusion, hypertile, pag, scalecrafter, todo, tome
 from .unet_map import UNetMap
 
 
@@ -209,7 +209,24 @@ def _cdtuner(v: dict[str, Any], clocks: list[StepClock], hires: bool, family: st
     return rows
 
 
-ROWS = {"tome": _tome, "hypertile": _hypertile, "deepcache": _deepcache, "scalecrafter": _scalecrafter,
+def _todo(v: dict[str, Any], clocks: list[StepClock], hires: bool, family: str, **_: Any) -> list[Row]:
+    if not todo.runs_in_pass(v, hires):
+        return []
+    factor = todo.pass_factor(v, hires)
+    depth = todo.resolve_max_depth(v["max_depth"], family)
+    cells = [_flag(factor > 1 and c.in_window(v["start"], v["end"])) for c in clocks]
+    return [Row("todo", "ToDo", cells, f"factor {factor:g}, depth <= {depth}" if factor > 1 else "factor 1: nothing to do")]
+
+
+def _pag(v: dict[str, Any], clocks: list[StepClock], hires: bool, **_: Any) -> list[Row]:
+    if not pag.runs_in_pass(v, hires):
+        return []
+    cells = [_flag(v["scale"] > 0 and c.in_window(v["start"], v["end"])) for c in clocks]
+    adaptive = f", adaptive {v['adaptive']:g}" if v["adaptive"] else ""
+    return [Row("pag", "PAG", cells, f"scale {v['scale']:g} on {v['layers']}{adaptive} (+1 cond pass)")]
+
+
+ROWS = {"tome": _tome, "todo": _todo, "pag": _pag, "hypertile": _hypertile, "deepcache": _deepcache, "scalecrafter": _scalecrafter,
         "deepshrink": _deepshrink, "hidiffusion": _hidiffusion, "freeu": _freeu, "cdtuner": _cdtuner}
 
 

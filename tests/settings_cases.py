@@ -3,7 +3,7 @@ from lib_unetmods import Settings
 from lib_unetmods.params import ParamError
 from lib_unetmods.techniques import SPECS
 
-TEXT_CANDIDATES = ("1,2", "5,-5,-5", "2|1,1", "1")
+TEXT_CANDIDATES = ("1,2", "5,-5,-5", "2|1,1", "1", "input.4,middle")
 
 
 def _other_text(param):

@@ -22,6 +22,8 @@ ACTIVE = {
     "hidiffusion": "hidiffusion auto=false",
     "freeu": "freeu",
     "cdtuner": "cdtuner d1=2 d2=2 con1=1",
+    "todo": "todo",
+    "pag": "pag",
 }
 
 

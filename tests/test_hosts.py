@@ -34,6 +34,8 @@ ACTIVE = {
     "freeu": "freeu",
     "cdtuner": "cdtuner d1=2 d2=2 con1=1",
     "colour_map": "cdtuner cm_colors=5,-5,-5 cm_stop=2",
+    "todo": "todo",
+    "pag": "pag",
 }
 HOSTS = ("a1111", "controlnet", "forge", "forge_split")
 
@@ -103,7 +105,7 @@ def run(host: str, arch: str, text: str, control_scale: float = 0.0, control_act
         cn = ControlNetHook(base, scale=control_scale, active=control_active, adapter=adapter)
         cn.hook()
     applied = apply_mods(unet, Settings.from_text(text, strict=True) if text else Settings(), clock, seed=5,
-                         latent_shape=(1, 4, *size))
+                         latent_shape=(1, 4, *size), cfg_scale=7.0)  # the samplers' CFG scale (PAG on split calls)
     try:
         if patcher is not None:
             control = None
@@ -172,7 +174,7 @@ def test_every_technique_gives_the_a1111_result_on_every_host(host, key):
     assert close(out, expected), (out - expected).abs().max()
 
 
-@pytest.mark.parametrize("key", ["deepcache", "deepshrink", "hidiffusion", "ndcfg", "freeu"])
+@pytest.mark.parametrize("key", ["deepcache", "deepshrink", "hidiffusion", "ndcfg", "freeu", "todo", "pag"])
 @pytest.mark.parametrize("host", ["controlnet", "forge"])
 def test_sdxl_shape(host, key):
     expected = result("a1111", "sdxl", key)
@@ -184,7 +186,8 @@ def test_sdxl_shape(host, key):
 
 # --- ControlNet's residuals -------------------------------------------------------------------
 
-@pytest.mark.parametrize("key", ["tome", "deepcache", "scalecrafter", "ndcfg", "deepshrink", "hidiffusion", "freeu", "colour_map"])
+@pytest.mark.parametrize("key", ["tome", "deepcache", "scalecrafter", "ndcfg", "deepshrink", "hidiffusion", "freeu", "colour_map",
+                                 "todo", "pag"])
 def test_with_control_residuals_the_technique_acts_and_residuals_still_apply(key):
     """A1111 + ControlNet and Forge + its `control` give the same result with the technique on;
     it differs from ControlNet alone (the technique acts) and from the technique alone (the

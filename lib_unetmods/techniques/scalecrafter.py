@@ -413,7 +413,7 @@ class Runtime:
     def ndcfg_end(self, out: torch.Tensor, call: Any) -> torch.Tensor:
         plan = self.plan(self.size) if self.size else None
         clock = self.ctx.clock
-        if self.ndcfg_pass or plan is None or not ndcfg_active(plan, clock.step, clock.total_steps):
+        if self.ndcfg_pass or call.extra or plan is None or not ndcfg_active(plan, clock.step, clock.total_steps):
             return out
         rows, batch = call.rows(), out.shape[0]
         if rows is None or (rows[0] and rows[1] and len(rows[0]) % len(rows[1])):
@@ -435,13 +435,12 @@ class Runtime:
         if isinstance(options, dict) and "uncond_indices" in options:  # Forge: describe the uncond-only batch
             kwargs["transformer_options"] = {**options, "cond_or_uncond": [1], "cond_indices": [],
                                              "uncond_indices": list(range(len(uncond)))}
-        calls = clock.calls_in_step
         self.ndcfg_pass = True
-        try:  # the whole UNet again, with every other technique, on the uncond rows only
-            uncond_mild = self.ctx.unet(*_rows(args, index, batch), **kwargs)
+        try:  # the whole UNet again, with every other technique, on the uncond rows only (not a sampler call)
+            with self.ctx.forward_hooks().extra_pass(SPEC.id):
+                uncond_mild = self.ctx.unet(*_rows(args, index, batch), **kwargs)
         finally:
             self.ndcfg_pass = False
-            clock.calls_in_step = calls  # the extra pass is not a sampler call
         if not cond:
             self.pending = (step, uncond_mild - out[uncond])
         return ndcfg_rows(out, uncond_mild, cond, uncond)
@@ -478,6 +477,13 @@ def idle(values: dict[str, Any], umap: Any, where: Any) -> str | None:
         return None
     native = native_size(umap.family, values)
     return f"{where.hw[1] * 8}x{where.hw[0] * 8} is not above the native {native}x{native} pixel count"
+
+
+def ndcfg_idle(values: dict[str, Any], umap: Any, where: Any) -> str | None:
+    """Why the noise-damped CFG pass does not run in this pass (None: it does, or may)."""
+    if umap is None or where.hw is None:
+        return None if values["ndcfg"] != "off" else "noise-damped CFG is off"
+    return None if plan_for(umap, values, where.hw).ndcfg is not None else "no noise-damped CFG at this size"
 
 
 def apply(ctx: Any, values: dict[str, Any]) -> None:
