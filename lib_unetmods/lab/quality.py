@@ -90,6 +90,15 @@ def _rows() -> list[Row]:
         Row("HiDiffusion, half the steps", "hidiffusion", 1, half_steps=True, reference="HiDiffusion", extra=True),
         Row("speed stack", "stack=fast", 1, reference="HiDiffusion", extra=True),
         Row("speed stack, DeepCache 1 in 3", "stack=fast; deepcache interval=3 schedule=uniform", 1, reference="HiDiffusion", extra=True),
+        # ToDo beside ToMe at 2x; PAG at CFG 1, 3 and 5 beside the unpatched model at the same CFG, on
+        # the last output block: the proxy's deep attention carries almost nothing (PAG on the middle
+        # block, the references' choice for SD, moves its picture by 5e-8)
+        Row("ToDo", "todo", 2, extra=True),
+        Row("plain, CFG 1", "none", 1, cfg=1.0, extra=True),
+        Row("PAG, CFG 1", "pag layers=output.11", 1, cfg=1.0, reference="plain, CFG 1", extra=True),
+        Row("PAG", "pag layers=output.11", 1, extra=True),
+        Row("plain, CFG 5", "none", 1, cfg=5.0, extra=True),
+        Row("PAG, CFG 5", "pag layers=output.11", 1, cfg=5.0, reference="plain, CFG 5", extra=True),
         # the hires-fix path
         Row("Deep Shrink", "deepshrink", "hires", extra=True), Row("HiDiffusion", "hidiffusion", "hires", extra=True),
         Row("speed stack", "stack=fast", 3, extra=True, reference="HiDiffusion"),
@@ -142,7 +151,8 @@ class Lab:
         clock = StepClock()
         clock.start(steps if init is None else max(1, round(steps * HIRES_DENOISE)), hires=init is not None)
         applied = apply_mods(self.model.unet, settings, clock, seed=seeds[0], latent_shape=tuple(noise.shape),
-                             prediction=self.config.prediction, hires_planned=hires_planned, base_shape=base_shape)
+                             prediction=self.config.prediction, hires_planned=hires_planned, base_shape=base_shape,
+                             cfg_scale=cfg)
         messages.update(applied.messages)
         try:
             return euler_sample(self.model.unet, noise, cond, uncond, steps, clock, cfg_scale=cfg,
