@@ -13,6 +13,7 @@ from lib_unetmods.lab.random_unets import sdpa_attention
 from lib_unetmods.techniques import hidiffusion as hd
 from lib_unetmods.unet_map import map_unet
 from model_state import assert_restored, snapshot
+from tiny_unet_calls import attn1_patch_of_another_extension
 
 ALL_OFF = "hidiffusion auto=false t1=0 t2=0 msw_end=0"
 ALL_ON = "hidiffusion auto=false t1=1 t2=1"
@@ -426,17 +427,12 @@ def test_msw_msa_yields_to_another_extensions_attn1_patch_and_says_so(make_unet,
     """Forge's attn1_patch gives self-attention a context: MSW-MSA leaves those calls to it and says so."""
     unet = make_unet("sd15")
     inputs = make_inputs(unet, batch=2, height=32, width=32)
-    attn1 = [m for n, m in unet.named_modules() if n.endswith("attn1")]
-    handles = [m.register_forward_pre_hook(lambda m, a, k: (a, {**k, "context": a[0]}), with_kwargs=True) for m in attn1]
-    try:
+    with attn1_patch_of_another_extension(unet):
         expected = unet(**inputs)
         clock = StepClock()
         clock.start(1)
         applied = apply_mods(unet, Settings.from_text("hidiffusion rau_net=false"), clock, latent_shape=(2, 4, 32, 32))
         got = unet(**inputs)
         applied.restore()
-    finally:
-        for h in handles:
-            h.remove()
     assert torch.equal(got, expected)
     assert sum("MSW-MSA yields" in m for m in applied.messages) == 1

@@ -15,6 +15,7 @@ from lib_unetmods.techniques.hypertile import (
 )
 from lib_unetmods.unet_map import map_unet
 from model_state import assert_restored, snapshot
+from tiny_unet_calls import attn1_patch_of_another_extension
 
 
 def run(unet, inputs, text=None, seed=0, hires=False):
@@ -317,9 +318,7 @@ def test_hypertile_yields_to_another_extensions_attn1_patch_and_says_so(make_une
 
     unet = make_unet("sd15")
     inputs = make_inputs(unet, batch=2, height=32, width=32)
-    attn1 = [m for n, m in unet.named_modules() if n.endswith("attn1")]
-    handles = [m.register_forward_pre_hook(lambda m, a, k: (a, {**k, "context": a[0]}), with_kwargs=True) for m in attn1]
-    try:
+    with attn1_patch_of_another_extension(unet):
         expected = unet(**inputs)
         clock = StepClock()
         clock.start(1)
@@ -328,8 +327,5 @@ def test_hypertile_yields_to_another_extensions_attn1_patch_and_says_so(make_une
         got = unet(**inputs)
         idle = applied.idle_after_pass()
         applied.restore()
-    finally:
-        for h in handles:
-            h.remove()
     assert torch.equal(got, expected)
     assert "HyperTile yields" in idle["hypertile"] and idle["hypertile"].endswith("nothing to do")

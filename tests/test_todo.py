@@ -2,7 +2,6 @@
 the UNet against direct implementations of both references on the same weights (the A1111
 extension's attn1 pre-hook, the paper code's to_k/to_v pre-hooks), windows, hires, restore,
 composition with ToMe, HyperTile and MSW-MSA, the preview and bad values."""
-import functools
 import math
 
 import pytest
@@ -11,28 +10,12 @@ import torch.nn.functional as F
 
 from lib_unetmods import Settings, SettingsError, StepClock, apply_mods
 from lib_unetmods.composition import resolve_conflicts
-from lib_unetmods.lab.random_unets import build_unet, example_inputs, sdpa_attention, webui_cat_fix
+from lib_unetmods.lab.random_unets import example_inputs, sdpa_attention
 from lib_unetmods.preview import Image, compute
 from lib_unetmods.techniques import todo
 from lib_unetmods.unet_map import map_unet
 from model_state import assert_restored, snapshot
-
-
-@functools.lru_cache(maxsize=None)
-def unet_of(arch):
-    return build_unet(arch, "tiny", seed=1)
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
-def call(unet, inputs):
-    kwargs = {"context": inputs["context"]}
-    if inputs["y"] is not None:
-        kwargs["y"] = inputs["y"]
-    with torch.no_grad(), webui_cat_fix(), sdpa_attention():
-        return unet(inputs["x"], inputs["timesteps"], **kwargs)
+from tiny_unet_calls import call, rel, unet_of
 
 
 def with_ours(unet, inputs, text, step=0, steps=1, hires=False):

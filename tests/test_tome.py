@@ -1,6 +1,5 @@
 """Token Merging: the math against tomesd 0.1.3 and the properties of design section 1(b), and the
 UNet-level wiring (parity with tomesd on the same weights, windows, randomness, restore)."""
-import functools
 import weakref
 
 import pytest
@@ -9,31 +8,13 @@ import torch
 import tomesd.merge
 from lib_unetmods import Settings, SettingsError, StepClock, apply_mods
 from lib_unetmods.lab import bench_compare
-from lib_unetmods.lab.random_unets import build_unet, example_inputs, sdpa_attention, webui_cat_fix
+from lib_unetmods.lab.random_unets import example_inputs, sdpa_attention, webui_cat_fix
 from lib_unetmods.techniques import tome
 from lib_unetmods.techniques.tome import bipartite_soft_matching, dst_partition, token_grid
 from model_state import assert_restored, snapshot
+from tiny_unet_calls import call, rel, unet_of
 
 REL = 1e-5
-
-
-@functools.lru_cache(maxsize=None)
-def unet_of(arch):
-    """One tiny UNet per architecture for the whole file: every test restores what it patches."""
-    return build_unet(arch, "tiny", seed=1)
-
-
-def rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
-def call(unet, inputs):
-    """x positionally, as the WebUI calls the UNet (tomesd reads the size from args[0])."""
-    kwargs = {"context": inputs["context"]}
-    if inputs["y"] is not None:
-        kwargs["y"] = inputs["y"]
-    with torch.no_grad(), webui_cat_fix(), sdpa_attention():
-        return unet(inputs["x"], inputs["timesteps"], **kwargs)
 
 
 def with_tomesd(unet, inputs, **options):
