@@ -97,6 +97,28 @@ def _split_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any
     return tuple(args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(("x", "timesteps")))  # type: ignore[return-value]
 
 
+# --- the arguments of an extra pass (NDCFG, PAG) ----------------------------------------
+
+def select_rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
+    """The given rows of every batch-sized tensor in a UNet call's arguments (for an extra pass)."""
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value[rows]
+    if isinstance(value, (list, tuple)):
+        return type(value)(select_rows(v, rows, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: select_rows(v, rows, batch) for k, v in value.items()}
+    return value
+
+
+def fresh_containers(value: Any) -> Any:
+    """Copies of the dicts and lists (not of the tensors) in a UNet call's arguments."""
+    if isinstance(value, dict):
+        return {k: fresh_containers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(fresh_containers(v) for v in value)
+    return value
+
+
 class ForwardHooks:
     """Hook lists by point, called in registration order (= technique order):
     begin(call), may set call.shortcut; after_input(i, h, call) -> h, before the skip is saved

@@ -25,10 +25,9 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from ..forward import Refused, UNetCall
+from ..forward import Refused, UNetCall, fresh_containers, select_rows
 from ..params import Param, TechniqueSpec, first_pass_or_hires_box
 from ..patcher import current_forward
-from .scalecrafter import _fresh_containers, _rows
 
 LAYERS_PATTERN = r"(middle|(input|output)\.\d+)(,(middle|(input|output)\.\d+))*"
 
@@ -165,7 +164,7 @@ class Runtime:
 
     def pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not self.perturbing and not self.ctx.forward_hooks().extra:  # not another technique's extra pass
-            self.inputs = (args, _fresh_containers(kwargs))  # Forge's forward pops its control lists
+            self.inputs = (args, fresh_containers(kwargs))  # Forge's forward pops its control lists
 
     def scale(self, call: UNetCall) -> float:
         clock = self.ctx.clock
@@ -227,7 +226,7 @@ class Runtime:
         self-attention layers perturbed; not a sampler call."""
         args, kwargs = self.inputs
         index = torch.tensor(cond, device=call.x.device)
-        kwargs = _rows(kwargs, index, batch)
+        kwargs = select_rows(kwargs, index, batch)
         options = kwargs.get("transformer_options")
         if isinstance(options, dict) and "cond_indices" in options:  # Forge: describe the cond-only batch
             chunks = [c for c in options.get("cond_or_uncond", [0]) if c == 0] or [0]
@@ -236,7 +235,7 @@ class Runtime:
         self.perturbing = True
         try:
             with self.ctx.forward_hooks().extra_pass(SPEC.id):
-                return self.ctx.unet(*_rows(args, index, batch), **kwargs)
+                return self.ctx.unet(*select_rows(args, index, batch), **kwargs)
         finally:
             self.perturbing = False
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..families import PIXELS_PER_LATENT, ByFamily, native_side as native_latent_side
-from ..forward import Refused
+from ..forward import Refused, fresh_containers, select_rows
 from ..params import Param, TechniqueSpec, first_pass_or_hires_box
 from .scalecrafter_disperse import dispersion_matrix
 
@@ -345,25 +345,6 @@ def ndcfg_rows(out: torch.Tensor, uncond_mild: torch.Tensor, cond: Sequence[int]
     return result
 
 
-def _rows(value: Any, rows: torch.Tensor, batch: int) -> Any:
-    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
-        return value[rows]
-    if isinstance(value, (list, tuple)):
-        return type(value)(_rows(v, rows, batch) for v in value)
-    if isinstance(value, dict):
-        return {k: _rows(v, rows, batch) for k, v in value.items()}
-    return value
-
-
-def _fresh_containers(value: Any) -> Any:
-    """Copies of the dicts and lists (not of the tensors) in a UNet call's arguments."""
-    if isinstance(value, dict):
-        return {k: _fresh_containers(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_fresh_containers(v) for v in value)
-    return value
-
-
 # --- wiring ----------------------------------------------------------------------------------
 
 class Runtime:
@@ -399,7 +380,7 @@ class Runtime:
             return
         x = args[0] if args else kwargs["x"]
         self.size = tuple(x.shape[-2:])  # type: ignore[assignment]
-        self.inputs = (args, _fresh_containers(kwargs))  # Forge's forward pops its control lists
+        self.inputs = (args, fresh_containers(kwargs))  # Forge's forward pops its control lists
 
     def conv_forward(self, name: str, conv: nn.Conv2d) -> Any:
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -430,7 +411,7 @@ class Runtime:
             return result
         args, kwargs = self.inputs
         index = torch.tensor(uncond, device=out.device)
-        kwargs = _rows(kwargs, index, batch)
+        kwargs = select_rows(kwargs, index, batch)
         options = kwargs.get("transformer_options")
         if isinstance(options, dict) and "uncond_indices" in options:  # Forge: describe the uncond-only batch
             kwargs["transformer_options"] = {**options, "cond_or_uncond": [1], "cond_indices": [],
@@ -438,7 +419,7 @@ class Runtime:
         self.ndcfg_pass = True
         try:  # the whole UNet again, with every other technique, on the uncond rows only (not a sampler call)
             with self.ctx.forward_hooks().extra_pass(SPEC.id):
-                uncond_mild = self.ctx.unet(*_rows(args, index, batch), **kwargs)
+                uncond_mild = self.ctx.unet(*select_rows(args, index, batch), **kwargs)
         finally:
             self.ndcfg_pass = False
         if not cond:
