@@ -1,9 +1,10 @@
 """The model families the techniques know: SD1, SD2, SDXL, the SDXL refiner, and the quality
-lab's proxy model (lib_unetmods/lab/proxy_model.py), declared in one place.
+lab's two proxy models (lib_unetmods/lab/proxy_model.py), declared in one place.
 
 A family's `layout` names the family whose block layout, reference tables and recommended values
-apply to it: itself for the SD families; SD1 for the proxy, an SD1.5-layout UNet shrunk (32
-channels, 12 latent channels, trained at a 16x16 latent). Tables keyed by family are read through
+apply to it: itself for the SD families; SD1 for `proxy`, an SD1.5-layout UNet shrunk, and SDXL
+for `proxy_xl`, an SDXL-layout one (both 32 channels, 12 latent channels, trained at a 16x16
+latent). Tables keyed by family are read through
 `ByFamily`, so a family without its own entry uses its layout's, and sizes relative to the
 training size (HiDiffusion's thresholds, ScaleCrafter's native size) come from `native_side`.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-SD1, SD2, SDXL, SDXL_REFINER, PROXY = "sd1", "sd2", "sdxl", "sdxl_refiner", "proxy"
+SD1, SD2, SDXL, SDXL_REFINER, PROXY, PROXY_XL = "sd1", "sd2", "sdxl", "sdxl_refiner", "proxy", "proxy_xl"
 PIXELS_PER_LATENT = 8  # the SD VAE's factor: sizes in pixels shown to users are latent sizes x 8
 
 
@@ -32,7 +33,8 @@ FAMILIES: dict[str, Family] = {f.id: f for f in (
     Family(SDXL_REFINER, "SDXL refiner", SDXL_REFINER, 128, 4),
     # Its 12 latent channels are the image folded 2x2, not SD's VAE channels: CD Tuner's latent
     # shift and colour map, written for SD's 4 channels, have no meaning on it (they skip, saying so).
-    Family(PROXY, "quality-lab proxy", SD1, 16, 12),
+    Family(PROXY, "quality-lab proxy (SD1 layout)", SD1, 16, 12),
+    Family(PROXY_XL, "quality-lab proxy (SDXL layout)", SDXL, 16, 12),
 )}
 
 
@@ -49,9 +51,10 @@ def title(family: str) -> str:
     return FAMILIES[family].title if family in FAMILIES else family
 
 
-def derived_family(latent_channels: int) -> str | None:
-    """A family laid out like another one, recognised by its latent channels (the proxy's 12)."""
-    return next((f.id for f in FAMILIES.values() if f.layout != f.id and f.latent_channels == latent_channels), None)
+def derived_family(layout_family: str, latent_channels: int) -> str | None:
+    """A family laid out like `layout_family`, recognised by its latent channels (the proxies' 12)."""
+    return next((f.id for f in FAMILIES.values()
+                 if f.layout != f.id and f.layout == layout_family and f.latent_channels == latent_channels), None)
 
 
 class ByFamily(dict):

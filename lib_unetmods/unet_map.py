@@ -99,10 +99,12 @@ def _host(unet: nn.Module) -> str:
     return "ldm"
 
 
-def _family(unet: nn.Module, inputs: list[Block], attention: list[AttentionLayer]) -> str:
-    derived = derived_family(unet.out[-1].out_channels)
-    if derived is not None:
-        return derived
+def _family(unet: nn.Module, inputs: list[Block]) -> str:
+    layout = _layout_family(unet, inputs)
+    return derived_family(layout, unet.out[-1].out_channels) or layout
+
+
+def _layout_family(unet: nn.Module, inputs: list[Block]) -> str:
     label_emb = getattr(unet, "label_emb", None)
     level0_attention = any(b.has_attention for b in inputs if b.level_in == 0 and b.index > 0)
     if label_emb is not None and not level0_attention:
@@ -163,7 +165,7 @@ def map_unet(unet: nn.Module) -> UNetMap:
                     convs.append((full, m, lvl))
     return UNetMap(
         unet=unet,
-        family=_family(unet, inputs, attention),
+        family=_family(unet, inputs),
         model_channels=int(unet.model_channels),
         inputs=inputs,
         middle=middle,

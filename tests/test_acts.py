@@ -7,7 +7,7 @@ import torch
 
 from webui_run import clean_state, make_runner, script_module, txt2img  # noqa: F401
 
-from hosts.controlnet import ControlNetHook
+from lib_unetmods.lab.hosts.controlnet import ControlNetHook
 from modules import infotext_utils, processing
 
 from lib_unetmods import Settings

@@ -16,7 +16,7 @@ from lib_unetmods.techniques import cdtuner
 from lib_unetmods.techniques.cdtuner import (K_SHIFT, colour_map_push, colour_map_ratio, colour_vector, denoiser_scalings,
                                              detail_scales, in_window, latent_shift, parse_cells, pass_detail,
                                              region_boxes, sigma_of_timesteps)
-from model_state import assert_restored, snapshot
+from lib_unetmods.lab.model_state import assert_restored, snapshot
 
 SPEC = cdtuner.SPEC
 

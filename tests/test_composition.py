@@ -10,7 +10,7 @@ from lib_unetmods.composition import PassInfo, resolve_conflicts
 from lib_unetmods.lab.random_unets import webui_cat_fix
 from lib_unetmods.techniques import SPECS
 from lib_unetmods.unet_map import map_unet
-from model_state import assert_restored, snapshot
+from lib_unetmods.lab.model_state import assert_restored, snapshot
 
 # each technique at settings that make it act on a small latent within a short schedule
 ACTIVE = {

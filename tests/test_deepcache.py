@@ -14,7 +14,7 @@ from lib_unetmods import Settings, StepClock, apply_mods
 from lib_unetmods.lab.sampler import euler_sample
 from lib_unetmods.techniques.deepcache import full_steps, quad_center_steps
 from lib_unetmods.unet_map import map_unet
-from model_state import assert_restored, snapshot
+from lib_unetmods.lab.model_state import assert_restored, snapshot
 
 import ldm.modules.diffusionmodules.openaimodel as openaimodel
 

@@ -10,7 +10,7 @@ from lib_unetmods import Settings, StepClock, apply_mods
 from lib_unetmods.lab.random_unets import sdpa_attention
 from lib_unetmods.lab.sampler import sd_sigmas, sigma_to_t
 from lib_unetmods.techniques import deepshrink as ds
-from model_state import assert_restored, snapshot
+from lib_unetmods.lab.model_state import assert_restored, snapshot
 
 pytestmark = pytest.mark.usefixtures("sdpa_one_thread")
 

@@ -10,7 +10,7 @@ from lib_unetmods.apply import ApplyContext
 from lib_unetmods.forward import install_forward
 from lib_unetmods.patcher import ACTIVE, MARKER, Patcher, restore_all
 from lib_unetmods.unet_map import map_unet
-from model_state import assert_restored, snapshot
+from lib_unetmods.lab.model_state import assert_restored, snapshot
 
 FREEU_ON = "freeu version=v1 b1=1.2 s1=0.8"
 

@@ -7,7 +7,7 @@ from lib_unetmods import Settings, StepClock, apply_mods
 from lib_unetmods.techniques.freeu import (backbone_scale, channel_region, fourier_filter, schedule_ratio,
                                            scale_backbone, stage_of)
 from lib_unetmods.unet_map import map_unet
-from model_state import assert_restored, snapshot
+from lib_unetmods.lab.model_state import assert_restored, snapshot
 
 
 def reference_fourier(x, threshold, scale):

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
-import soak_runner  # noqa: F401  (puts the WebUI stand-in on sys.path)
+from lib_unetmods.lab import soak_runner  # noqa: E402  (puts the WebUI stand-in on sys.path)
 from lib_unetmods import Settings, SettingsError
 from lib_unetmods.host import STATE_ATTR, settings_from
 from lib_unetmods.params import ParamError

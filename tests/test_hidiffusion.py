@@ -12,7 +12,7 @@ from lib_unetmods.composition import resolve_conflicts
 from lib_unetmods.lab.random_unets import sdpa_attention
 from lib_unetmods.techniques import hidiffusion as hd
 from lib_unetmods.unet_map import map_unet
-from model_state import assert_restored, snapshot
+from lib_unetmods.lab.model_state import assert_restored, snapshot
 from tiny_unet_calls import attn1_patch_of_another_extension
 
 ALL_OFF = "hidiffusion auto=false t1=0 t2=0 msw_end=0"

@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hosts import forge
-from hosts.controlnet import ControlNetHook
+from lib_unetmods.lab.hosts import forge
+from lib_unetmods.lab.hosts.controlnet import ControlNetHook
 from lib_unetmods import Settings, StepClock, apply_mods
 from lib_unetmods.lab.random_unets import ADM_CHANNELS, build_unet, context_dim
 from lib_unetmods.lab.sampler import euler_sample
-from model_state import assert_restored, snapshot
+from lib_unetmods.lab.model_state import assert_restored, snapshot
 
 STEPS = 4
 SIZE = (32, 40)  # latent; every level divides it

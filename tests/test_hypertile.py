@@ -14,7 +14,7 @@ from lib_unetmods.techniques.hypertile import (
     depth_layers, largest_tile_size_available, layer_grid, merge_tiles, split_tiles, tile_counts,
 )
 from lib_unetmods.unet_map import map_unet
-from model_state import assert_restored, snapshot
+from lib_unetmods.lab.model_state import assert_restored, snapshot
 from tiny_unet_calls import attn1_patch_of_another_extension
 
 

@@ -2,8 +2,8 @@
 
 - the runtime (what the WebUI loads: scripts/ and lib_unetmods/ except lib_unetmods/lab/ and the
   thin entry modules bench.py, quality.py and soak.py) never imports the lab or the entry modules;
-- nothing in lib_unetmods imports upward from tests/ (the lab's two deliberate loads of the host
-  stand-ins, listed in LAB_LOADS_FROM_TESTS, excepted: a new one fails here);
+- nothing in lib_unetmods imports from tests/ or names that folder: the lab stands on its own
+  (the host stand-ins its benchmark and soak run on live in lib_unetmods/lab/hosts);
 - the import graph among lib_unetmods' modules has no cycle. Imports inside functions count: a
   lazy import still ties two modules together (the old bench_cli <-> bench_checkpoint cycle was one).
 """
@@ -16,10 +16,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "lib_unetmods"
 LAB = f"{PACKAGE}.lab"
 ENTRY_MODULES = {f"{PACKAGE}.bench", f"{PACKAGE}.quality", f"{PACKAGE}.soak"}  # `python -m lib_unetmods.bench`: lab-side
-
-# (module, top-level name under tests/) loaded on purpose: the benchmark runs its Forge and
-# ControlNet hosts on the stand-ins in tests/hosts, the soak drives tests/soak_runner.py.
-LAB_LOADS_FROM_TESTS = {(f"{LAB}.bench_run", "hosts"), (f"{LAB}.soak", "soak_runner")}
 
 
 def modules_under(root: str, top: str) -> dict[str, str]:
@@ -107,14 +103,24 @@ def names_under_tests(root: str = ROOT) -> set[str]:
 
 
 def imports_from_tests(root: str = ROOT) -> list[tuple[str, str]]:
-    """(lib_unetmods module, name under tests/) pairs, the deliberate lab loads left out."""
+    """(lib_unetmods module, name under tests/) pairs."""
     tops = names_under_tests(root)
+    return [(module, name) for module, names in sorted(import_graph(root).items())
+            for name in sorted(names) if name.split(".")[0] in tops]
+
+
+def paths_into_tests(root: str = ROOT) -> list[str]:
+    """lib_unetmods modules with the string "tests" as a path part (os.path.join(..., "tests"),
+    "tests/x"): the way a module would put tests/ on sys.path or open a file there."""
     bad = []
-    for module, names in sorted(import_graph(root).items()):
-        for name in sorted(names):
-            top = name.split(".")[0]
-            if top in tops and (module, top) not in LAB_LOADS_FROM_TESTS:
-                bad.append((module, name))
+    for module, path in sorted(modules_under(root, PACKAGE).items()):
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and \
+                    (node.value == "tests" or node.value.startswith(("tests/", "tests\\"))):
+                bad.append(module)
+                break
     return bad
 
 
@@ -163,15 +169,31 @@ def test_the_graph_sees_the_package():
     assert f"{PACKAGE}.patcher" in graph[f"{PACKAGE}.forward"]  # from .patcher import ...
     assert f"{PACKAGE}.params" in graph[f"{PACKAGE}.techniques.tome"]  # from ..params import ...
     assert f"{LAB}.bench" in graph[f"{PACKAGE}.bench"]  # from .lab.bench import main
-    assert any(is_lab_side(n) for n in graph[f"{LAB}.bench_cli"])  # from . import TESTS (lab/__init__)
+    assert f"{LAB}.bench_checkpoint" in graph[f"{LAB}.bench_cli"]  # from .bench_checkpoint import ...
+    assert f"{LAB}.hosts" in graph[f"{LAB}.soak_runner"]  # from .hosts import use_webui_standin
 
 
 def test_runtime_never_imports_the_lab():
     assert runtime_imports_of_lab() == []
 
 
-def test_nothing_in_the_package_imports_from_tests():
+def test_nothing_in_the_package_loads_from_tests():
     assert imports_from_tests() == []
+    assert paths_into_tests() == []
+
+
+def test_the_guard_sees_a_load_from_tests(tmp_path):
+    """Guards the guard: a lab module that imports a test helper or joins a path to tests/ is caught."""
+    lab = tmp_path / PACKAGE / "lab"
+    lab.mkdir(parents=True)
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "helper.py").write_text("")
+    (tmp_path / PACKAGE / "__init__.py").write_text("")
+    (lab / "__init__.py").write_text("")
+    (lab / "a.py").write_text("import helper\n")
+    (lab / "b.py").write_text("import os\nP = os.path.join('x', 'tests')\n")
+    assert imports_from_tests(str(tmp_path)) == [(f"{LAB}.a", "helper")]
+    assert paths_into_tests(str(tmp_path)) == [f"{LAB}.b"]
 
 
 def test_package_import_graph_has_no_cycle():

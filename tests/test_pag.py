@@ -9,12 +9,12 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from hosts import forge
+from lib_unetmods.lab.hosts import forge
 from lib_unetmods import Settings, SettingsError, StepClock, apply_mods
 from lib_unetmods.lab.random_unets import ADM_CHANNELS, build_unet, context_dim, example_inputs
 from lib_unetmods.lab.sampler import euler_sample, sd_sigmas, sigma_to_t
 from lib_unetmods.techniques import pag
-from model_state import assert_restored, snapshot
+from lib_unetmods.lab.model_state import assert_restored, snapshot
 from webui_run import clean_state, make_runner, script_module, txt2img  # noqa: F401
 
 from modules import processing  # noqa: E402

@@ -17,7 +17,7 @@ from lib_unetmods.lab.sampler import euler_sample
 from lib_unetmods.techniques import scalecrafter as sc
 from lib_unetmods.techniques.scalecrafter_disperse import dispersion_system, load_or_solve, solve_dispersion
 from lib_unetmods.unet_map import map_unet
-from model_state import assert_restored, snapshot
+from lib_unetmods.lab.model_state import assert_restored, snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = next((p for p in (os.path.join(ROOT, "..", "shared", "data"), os.path.join(ROOT, "..", "..", "shared", "data"))

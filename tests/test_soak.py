@@ -1,13 +1,15 @@
-"""A short soak in CI (tests/soak_runner.py; the long one is `python -m lib_unetmods.soak`), and
+"""A short soak in CI (lib_unetmods/lab/soak_runner.py; the long one is `python -m lib_unetmods.soak`), and
 checks that the soak's own checks catch a leak and a swallowed error."""
 import dataclasses
 import os
 import random
 import re
+import sys
+import types
 
 import pytest
 
-import soak_runner
+from lib_unetmods.lab import soak_runner
 from lib_unetmods import Settings
 from lib_unetmods.lab import soak
 from lib_unetmods.params import ParamError
@@ -116,9 +118,11 @@ def test_cli_summary_line(capsys):
     assert lines[-1] == "runs=2 failures=0 leaks=0"
 
 
-def test_cli_needs_the_checkout_stand_ins(monkeypatch, tmp_path):
-    monkeypatch.setattr(soak, "TESTS", str(tmp_path))
-    with pytest.raises(SystemExit, match="source checkout"):
+def test_cli_refuses_beside_a_real_webuis_modules(monkeypatch, tmp_path):
+    real = types.ModuleType("modules")
+    real.__file__ = str(tmp_path / "modules" / "__init__.py")
+    monkeypatch.setitem(sys.modules, "modules", real)
+    with pytest.raises(SystemExit, match="WebUI `modules` package is already imported"):
         soak.load_runner()
 
 

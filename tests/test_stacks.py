@@ -11,7 +11,7 @@ from lib_unetmods.stacks import STACKS, stack_settings
 from lib_unetmods.techniques import SPECS
 from lib_unetmods.families import native_side
 from lib_unetmods.unet_map import map_unet
-from model_state import assert_restored, snapshot
+from lib_unetmods.lab.model_state import assert_restored, snapshot
 
 CASES = [(name, family) for name, families in STACKS.items() for family in families]
 ARCH = {"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}

@@ -14,7 +14,7 @@ from lib_unetmods.lab.random_unets import example_inputs, sdpa_attention
 from lib_unetmods.preview import Image, compute
 from lib_unetmods.techniques import todo
 from lib_unetmods.unet_map import map_unet
-from model_state import assert_restored, snapshot
+from lib_unetmods.lab.model_state import assert_restored, snapshot
 from tiny_unet_calls import call, rel, unet_of
 
 

@@ -11,7 +11,7 @@ from lib_unetmods.lab import bench_compare
 from lib_unetmods.lab.random_unets import example_inputs, sdpa_attention, webui_cat_fix
 from lib_unetmods.techniques import tome
 from lib_unetmods.techniques.tome import bipartite_soft_matching, dst_partition, token_grid
-from model_state import assert_restored, snapshot
+from lib_unetmods.lab.model_state import assert_restored, snapshot
 from tiny_unet_calls import call, rel, unet_of
 
 REL = 1e-5

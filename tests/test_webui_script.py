@@ -17,7 +17,7 @@ from lib_unetmods.host import STATE_ATTR  # noqa: E402
 from lib_unetmods.patcher import ACTIVE  # noqa: E402
 from lib_unetmods.settings import arg_layout  # noqa: E402
 from lib_unetmods.techniques import SPECS  # noqa: E402
-from model_state import assert_restored, snapshot  # noqa: E402
+from lib_unetmods.lab.model_state import assert_restored, snapshot  # noqa: E402
 from settings_cases import every_param_changed  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,5 +1,5 @@
 """A small gradio app that mounts the UNet Mods panel as the WebUI does, with the REAL gradio
-(3.41.2 or 4.40.0, from .venv-gradio3 / .venv-gradio4) and the stand-ins in tests/webui for the
+(3.41.2 or 4.40.0, from .venv-gradio3 / .venv-gradio4) and the A1111 stand-in (lib_unetmods/lab/hosts/webui) for the
 WebUI's own modules: the txt2img controls the preview reads (same elem_ids as A1111 1.10 /
 Forge, each announced through on_after_component as the WebUI does), the script's ui(), a
 loaded model (a tiny ldm UNet of the chosen family) and the infotext paste of the WebUI.
@@ -16,14 +16,15 @@ from typing import Any
 # keep the process alive at exit on a machine without that network)
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
-import gradio as gr  # noqa: E402  the real gradio: imported before tests/webui (which has a gradio stand-in) is on the path
+import gradio as gr  # noqa: E402  the real gradio: imported before the stand-in WebUI (which has a gradio stand-in) is on the path
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(TESTS)
-for path in (os.path.join(TESTS, "webui"), ROOT):
-    if path not in sys.path:
-        sys.path.insert(0, path)
-assert "tests/webui" not in gr.__file__.replace(os.sep, "/"), "the gradio stand-in shadows the real gradio"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from lib_unetmods.lab.hosts import use_webui_standin  # noqa: E402
+
+use_webui_standin()
+assert "lab/hosts/webui" not in gr.__file__.replace(os.sep, "/"), "the gradio stand-in shadows the real gradio"
 
 from modules import infotext_utils, script_callbacks, scripts, shared  # noqa: E402
 from modules.ui_components import InputAccordion  # noqa: E402

@@ -1,12 +1,12 @@
-"""Running the script in the WebUI stand-in (tests/webui): the launched script, runners and
-processing objects, shared by the test files that drive it."""
+"""Running the script in the WebUI stand-in (lib_unetmods/lab/hosts/webui): the launched script,
+runners and processing objects, shared by the test files that drive it."""
 import os
-import sys
 
 import pytest
 
-WEBUI = os.path.join(os.path.dirname(os.path.abspath(__file__)), "webui")
-sys.path.insert(0, WEBUI)
+from lib_unetmods.lab.hosts import use_webui_standin
+
+use_webui_standin()
 
 from modules import processing, script_callbacks, scripts  # noqa: E402
 from modules.shared import opts, state  # noqa: E402

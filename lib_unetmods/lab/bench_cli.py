@@ -13,13 +13,11 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from . import TESTS
 from .bench_checkpoint import BenchError, inspect_checkpoint  # BenchError lives there: no cycle, no torch
 
 ARCHS = ("sd15", "sd21", "sdxl")  # as lib_unetmods.lab.random_unets.ARCHS (importing it would import torch)
 FAMILY = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}  # the unet_map family of each architecture
-HOSTS = ("ldm", "forge", "controlnet")
-HOST_STANDINS = os.path.join(TESTS, "hosts")
+HOSTS = ("ldm", "forge", "controlnet")  # as lib_unetmods.lab.hosts.HOSTS (importing it would import torch)
 COMPARE = {"tomesd": ("tomesd",), "deepcache": ("DeepCache", "diffusers")}  # --compare name: modules it needs
 PROG = "python -m lib_unetmods.bench"
 
@@ -101,8 +99,8 @@ OPTIONS: tuple[Option, ...] = (
     opt("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)"),
     opt("--host", choices=HOSTS, default="ldm",
         help="the UNet's host: ldm (A1111), forge (Forge's UNet and batch layout) or controlnet (ControlNet's "
-             "forward, control inactive); forge and controlnet use the stand-ins in tests/hosts, so they run "
-             "from a source checkout only (default: ldm)"),
+             "forward, control inactive), on the lab's stand-ins of those hosts (lib_unetmods/lab/hosts; "
+             "default: ldm)"),
     opt("--threads", type=positive_int, default=None,
         help="torch CPU threads (default: torch's choice, usually one per core)"),
     opt("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)"),
@@ -164,12 +162,8 @@ def resolve(args: argparse.Namespace) -> None:
         if name == "deepcache" and args.arch == "sdxl":
             raise BenchError("--compare deepcache runs the DeepCache package's SD helper on a diffusers copy of "
                              "the UNet, which the benchmark converts for SD1.x/SD2.x only")
-    if args.host != "ldm":
-        if not os.path.isfile(os.path.join(HOST_STANDINS, "__init__.py")):
-            raise BenchError(f"--host {args.host} runs on the host stand-ins in tests/hosts, which only a source "
-                             "checkout has")
-        if args.compare:
-            raise BenchError("--compare runs on --host ldm only")
+    if args.host != "ldm" and args.compare:
+        raise BenchError("--compare runs on --host ldm only")
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:

@@ -21,7 +21,7 @@ import torch.nn as nn
 from . import bench_chart, bench_compare
 from ..apply import apply_mods
 from .bench_checkpoint import load_unet_weights
-from .bench_cli import HOST_STANDINS, BenchError
+from .bench_cli import BenchError
 from .progress import fmt_time
 from ..clock import StepClock
 from .random_unets import build_unet, example_inputs, sdpa_attention, webui_cat_fix
@@ -339,12 +339,10 @@ class Bench:
 
 
 def host_unet(host: str, unet: nn.Module) -> tuple[nn.Module, Callable[..., torch.Tensor]]:
-    """The UNet to patch and its sampler on the chosen host; the Forge and ControlNet stand-ins
-    live in the checkout's tests/hosts (never shipped), checked by bench_cli."""
+    """The UNet to patch and its sampler on the chosen host (lab/hosts)."""
     if host == "ldm":
         return unet, euler_sample
-    sys.path.insert(0, os.path.dirname(HOST_STANDINS))
-    from hosts import bench_host
+    from .hosts import bench_host
 
     return bench_host(host, unet)
 

@@ -52,23 +52,44 @@ def build_unet(arch: str = "sd15", size: str = "full", seed: int = 0) -> nn.Modu
     unet = UNetModel(image_size=32, in_channels=4, out_channels=4, num_res_blocks=2, use_spatial_transformer=True,
                      transformer_depth=1, use_checkpoint=False, legacy=False, **config)
     if arch == "sdxl":
-        depth = SDXL_DEPTH[size]
-        for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
-            for m in block.modules():
-                if type(m).__name__ == "SpatialTransformer":
-                    set_transformer_depth(m, depth[(m.in_channels // unet.model_channels).bit_length() - 1])
-        embed = unet.model_channels * 4
-        unet.num_classes = "sequential"
-        unet.label_emb = nn.Sequential(nn.Sequential(nn.Linear(ADM_CHANNELS, embed), nn.SiLU(), nn.Linear(embed, embed)))
+        make_sdxl_shaped(unet, SDXL_DEPTH[size], ADM_CHANNELS)
     randomize(unet, seed)
     return unet.eval().requires_grad_(False)
 
 
-@functools.lru_cache(maxsize=None)
-def _deep_transformer_class() -> type:
+def make_sdxl_shaped(unet: nn.Module, depth: tuple[int, ...], adm_channels: int) -> None:
+    """Turn an ldm UNetModel built without attention at level 0 into SDXL's shape: `depth[level]`
+    transformer blocks in each SpatialTransformer, and an `adm` label embedding of `adm_channels`
+    (sgm's `num_classes="sequential"`)."""
+    def deepen(block: nn.Module, level: int) -> None:
+        for m in block.modules():
+            if isinstance(m, _base_transformer_class()):
+                set_transformer_depth(m, depth[level])
+
+    level = 0
+    for block in unet.input_blocks:
+        deepen(block, level)
+        level += any(type(m).__name__ == "Downsample" for m in block.modules())
+    deepen(unet.middle_block, level)
+    for block in unet.output_blocks:
+        deepen(block, level)
+        level -= any(type(m).__name__ == "Upsample" for m in block.modules())
+    embed = unet.model_channels * 4
+    unet.num_classes = "sequential"
+    unet.label_emb = nn.Sequential(nn.Sequential(nn.Linear(adm_channels, embed), nn.SiLU(), nn.Linear(embed, embed)))
+
+
+def _base_transformer_class() -> type:
     from ldm.modules.attention import SpatialTransformer
 
-    class DeepSpatialTransformer(SpatialTransformer):
+    return SpatialTransformer
+
+
+@functools.lru_cache(maxsize=None)
+def _deep_transformer_class() -> type:
+    base = _base_transformer_class()
+
+    class SpatialTransformer(base):  # sgm's class name, which the UNet map (and hosts' code) look for
         """sgm's behaviour: one context shared by every transformer block of the stack."""
 
         def forward(self, x: torch.Tensor, context: Any = None) -> torch.Tensor:
@@ -76,7 +97,7 @@ def _deep_transformer_class() -> type:
                 context = [context] * len(self.transformer_blocks)
             return super().forward(x, context)
 
-    return DeepSpatialTransformer
+    return SpatialTransformer
 
 
 def set_transformer_depth(transformer: nn.Module, depth: int) -> None:

@@ -1,9 +1,13 @@
 """The quality lab's data: images with exactly one bright, saturated object (circle, square or
-upright triangle, in one of six hue classes) on a dark, slightly tinted plain background, drawn
-from a seed with anti-aliased signed distances, at any size (the object scales with the image).
+upright triangle, in one of six hue classes) on a dark, slightly tinted plain background, placed
+in one of five positions (centre, left, right, top, bottom), drawn from a seed with anti-aliased
+signed distances, at any size (the object and its place scale with the image).
 
-A trained model's samples are scored against the same classes (lab/score.py): how many objects,
-which colour, which shape.
+The position is part of the prompt because a model cannot place an object from its first level
+alone: convolutions there see a few pixels and attention has no notion of where it is, so where
+the object goes must come through the deeper, coarser levels (the path the high-resolution and
+deep-feature techniques change). A trained model's samples are scored against the same classes
+(lab/score.py): how many objects, which colour, which shape, which position.
 """
 from __future__ import annotations
 
@@ -16,8 +20,10 @@ SHAPES = ("circle", "square", "triangle")
 HUES = (0.0, 60.0, 120.0, 180.0, 240.0, 300.0)  # class centres in degrees: red, yellow, green, cyan, blue, magenta
 COLOURS = ("red", "yellow", "green", "cyan", "blue", "magenta")
 HUE_JITTER = 12.0  # degrees either side of the class centre
-SIZE_RANGE = (0.30, 0.60)  # side or diameter as a share of the image side
-CENTRE_SD = 0.10  # centre: normal around the middle, sd as a share of the side, kept inside
+SIZE_RANGE = (0.26, 0.46)  # side or diameter as a share of the image side
+POSITIONS = ("centre", "left", "right", "top", "bottom")
+OFFSETS = ((0.0, 0.0), (-0.22, 0.0), (0.22, 0.0), (0.0, -0.22), (0.0, 0.22))  # (x, y) share of the side; y down
+POSITION_JITTER = 0.04  # uniform, either side, on both axes (share of the side)
 
 
 @dataclass
@@ -25,6 +31,7 @@ class Batch:
     images: torch.Tensor  # (n, 3, s, s) in [0, 1]
     shape: torch.Tensor  # (n,) index into SHAPES
     colour: torch.Tensor  # (n,) index into COLOURS
+    position: torch.Tensor  # (n,) index into POSITIONS
 
 
 def hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -61,8 +68,9 @@ def make_batch(n: int, size: int = 32, generator: torch.Generator | None = None)
     fg = hsv_to_rgb(hue % 360, 0.75 + 0.25 * rand(n), 0.85 + 0.15 * rand(n))
     bg = 0.06 + 0.10 * rand(n, 1) + 0.06 * rand(n, 3)  # dark, slightly tinted
     side = (SIZE_RANGE[0] + (SIZE_RANGE[1] - SIZE_RANGE[0]) * rand(n)) * size
+    position = torch.randint(0, len(POSITIONS), (n,), generator=g)
     margin = side / 2 + 1
-    centre = size / 2 + CENTRE_SD * size * torch.randn(n, 2, generator=g)
+    centre = size * (0.5 + torch.tensor(OFFSETS)[position] + (rand(n, 2) * 2 - 1) * POSITION_JITTER)
     centre = torch.minimum(torch.maximum(centre, margin[:, None]), size - margin[:, None])
     grid = torch.arange(size, dtype=torch.float32) + 0.5
     x = grid[None, None, :] - centre[:, 0, None, None]
@@ -70,4 +78,4 @@ def make_batch(n: int, size: int = 32, generator: torch.Generator | None = None)
     sdf = shape_sdf(shape[:, None, None], x, y, side[:, None, None])
     cover = (0.5 - sdf).clamp(0, 1)[:, None]  # anti-aliased coverage of each pixel
     images = bg[:, :, None, None] * (1 - cover) + fg[:, :, None, None] * cover
-    return Batch(images.clamp(0, 1), shape, colour)
+    return Batch(images.clamp(0, 1), shape, colour, position)

@@ -9,15 +9,13 @@ script (scripts/unetmods.py) through the WebUI stand-in and checks that every mo
 as built and that the outcome is an image or a declared message. Ends with the line
 `runs=N failures=F leaks=L`; exits 1 if F or L is not 0.
 
-The stand-in WebUI lives in the checkout's tests/ (it is never shipped), so this command runs
-from a source checkout: it imports tests/soak_runner.py, which drives the same script and
+It drives lab/soak_runner.py on the A1111 stand-in in lab/hosts/webui, the same script and
 stand-in as the test suite (tests/test_soak.py runs a short soak in CI).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import re
 import sys
 import time
@@ -25,7 +23,7 @@ from types import ModuleType
 
 import torch
 
-from . import TESTS
+from .hosts import use_webui_standin
 from .progress import fmt_time
 from .random_unets import ARCHS
 
@@ -33,15 +31,13 @@ from .random_unets import ARCHS
 
 
 def load_runner() -> ModuleType:
-    """tests/soak_runner.py of this checkout, with a clear message where there is none."""
-    if not os.path.isfile(os.path.join(TESTS, "soak_runner.py")) or not os.path.isdir(os.path.join(TESTS, "webui", "modules")):
-        raise SystemExit(f"python -m lib_unetmods.soak runs from a source checkout: it drives the WebUI stand-in in "
-                         f"tests/webui, which is not at {TESTS}")
-    loaded = sys.modules.get("modules")
-    if loaded is not None and not os.path.abspath(getattr(loaded, "__file__", "") or "").startswith(TESTS):
-        raise SystemExit("a WebUI `modules` package is already imported; run the soak in its own Python process")
-    sys.path.insert(0, TESTS)
-    return importlib.import_module("soak_runner")
+    """lab/soak_runner.py on the WebUI stand-in, or a clear message when a real WebUI's
+    `modules` is already loaded in this process."""
+    try:
+        use_webui_standin()
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
+    return importlib.import_module(f"{__package__}.soak_runner")
 
 
 def kind_of(problem: str) -> str:

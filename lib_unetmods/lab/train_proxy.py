@@ -1,6 +1,7 @@
-"""Train the quality lab's proxy model from nothing (CPU, one thread by default):
+"""Train one of the quality lab's proxy models from nothing (CPU, one thread by default):
 
-    python -m lib_unetmods.lab.train_proxy --steps 3600 --out lib_unetmods/lab/weights/proxy.safetensors
+    python -m lib_unetmods.lab.train_proxy --model proxy --steps 5000      # the SD1-layout model
+    python -m lib_unetmods.lab.train_proxy --model proxy_xl --steps 5000   # the SDXL-layout model
 
 v-prediction on SD's scaled-linear schedule (1000 steps, betas 0.00085..0.012); AdamW with a linear
 warm-up and a cosine decay; an EMA of the weights is what is saved (fp16). Every batch is drawn
@@ -19,10 +20,11 @@ import time
 import torch
 
 from .progress import fmt_time
-from .proxy_model import WEIGHTS, Proxy, ProxyConfig, save, to_latent
+from ..families import PROXY
+from .proxy_model import UNETS, WEIGHTS, Proxy, ProxyConfig, save, to_latent
 from .random_unets import sdpa_attention
 from ..schedules import TRAIN_ALPHAS_CUMPROD
-from .shapes import COLOURS, SHAPES, make_batch
+from .shapes import COLOURS, POSITIONS, SHAPES, make_batch
 
 
 def v_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +45,7 @@ def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     data = torch.Generator().manual_seed(args.seed + 1)
-    model = Proxy(ProxyConfig())
+    model = Proxy(ProxyConfig.of(args.model))
     ema = copy.deepcopy(model).requires_grad_(False)
     config = model.config
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
@@ -51,7 +53,7 @@ def train(args: argparse.Namespace) -> None:
     curve: list[tuple[int, float]] = []
     window: list[float] = []
     started = time.monotonic()
-    print(f"training the proxy: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {args.steps} steps "
+    print(f"training {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, {args.steps} steps "
           f"of batch {args.batch}, {args.threads} thread(s), seed {args.seed}", flush=True)
     with sdpa_attention():
         for step in range(args.steps):
@@ -62,10 +64,12 @@ def train(args: argparse.Namespace) -> None:
             drop = torch.rand(args.batch, generator=data) < args.uncond
             shape = torch.where(drop, len(SHAPES), batch.shape)
             colour = torch.where(drop, len(COLOURS), batch.colour)
+            position = torch.where(drop, len(POSITIONS), batch.position)
             xt, v = v_target(x0, noise, alphas[t])
             for group in optimiser.param_groups:
                 group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-            pred = model.unet(xt, t.float(), context=model.cond(shape, colour))
+            context = model.cond(shape, colour, position)
+            pred = model.unet(xt, t.float(), context=context, y=model.y(context))
             loss = torch.nn.functional.mse_loss(pred, v)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -97,7 +101,8 @@ def train(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lib_unetmods.lab.train_proxy", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3600, help="optimiser steps (default: 3600)")
+    ap.add_argument("--model", choices=sorted(UNETS), default=PROXY, help="which proxy: its family id (default: proxy)")
+    ap.add_argument("--steps", type=int, default=5000, help="optimiser steps (default: 5000)")
     ap.add_argument("--batch", type=int, default=32, help="images per step (default: 32)")
     ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
     ap.add_argument("--warmup", type=int, default=200, help="warm-up steps (default: 200)")
@@ -107,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     ap.add_argument("--log-every", type=int, default=50, help="print the mean loss every N steps (default: 50)")
     ap.add_argument("--save-every", type=int, default=250, help="write the weights every N steps (default: 250)")
-    ap.add_argument("--out", default=WEIGHTS, help=f"weights file (default: the shipped {WEIGHTS})")
-    train(ap.parse_args(argv))
+    ap.add_argument("--out", default="", help="weights file (default: the shipped one of --model, in lab/weights/)")
+    args = ap.parse_args(argv)
+    args.out = args.out or WEIGHTS[args.model]
+    train(args)
     return 0
 
 

@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 gr = pytest.importorskip("gradio")
-if "tests/webui" in gr.__file__.replace(os.sep, "/") or not hasattr(gr, "Blocks"):
+if "lab/hosts/webui" in gr.__file__.replace(os.sep, "/") or not hasattr(gr, "Blocks"):
     pytest.skip("needs the real gradio (dev/test-ui.sh)", allow_module_level=True)
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402

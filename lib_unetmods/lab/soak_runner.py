@@ -1,4 +1,4 @@
-"""The soak: randomized generations through the WebUI stand-in (tests/webui) on the tiny real
+"""The soak: randomized generations through the WebUI stand-in (lab/hosts/webui) on the tiny real
 UNets of every family, checking after each one that every model is exactly as it was built and
 that the outcome is an image or a declared message.
 
@@ -11,7 +11,7 @@ VAE decoder, the WebUI's own token merging, model switches, and interrupts, skip
 exceptions injected inside the UNet mid-sampling.
 
 Case `i` of seed `S` is drawn from its own RNG, so `--seed S --start i --runs 1` replays it
-(with freshly built models). Used by tests/test_soak.py and `python -m lib_unetmods.soak`.
+(with freshly built models). Used by `python -m lib_unetmods.soak` and tests/test_soak.py.
 """
 from __future__ import annotations
 
@@ -34,25 +34,23 @@ except ImportError:  # pragma: no cover - older Pythons
 
 import torch
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-WEBUI = os.path.join(TESTS, "webui")
-ROOT = os.path.dirname(TESTS)
-for path in (WEBUI, TESTS, ROOT):
-    if path not in sys.path:
-        sys.path.insert(0, path)
+from . import CHECKOUT
+from .hosts import use_webui_standin
+
+use_webui_standin()
 
 from modules import infotext_utils, processing, script_callbacks, scripts  # noqa: E402
 from modules.shared import opts, state  # noqa: E402
 from sd_model import FakeSDModel  # noqa: E402
 
-from lib_unetmods.host import LOG_PREFIX, STATE_ATTR  # noqa: E402
-from lib_unetmods.params import Param  # noqa: E402
-from lib_unetmods.patcher import ACTIVE, restore_all  # noqa: E402
-from lib_unetmods.lab.random_unets import ARCHS, build_unet, randomize, sdpa_attention  # noqa: E402
-from lib_unetmods.settings import Settings  # noqa: E402
-from lib_unetmods.techniques import SPECS  # noqa: E402
-from lib_unetmods.xyz import axis_specs, overrides  # noqa: E402
-from model_state import assert_restored, snapshot  # noqa: E402
+from ..host import LOG_PREFIX, STATE_ATTR  # noqa: E402
+from ..params import Param  # noqa: E402
+from ..patcher import ACTIVE, restore_all  # noqa: E402
+from ..settings import Settings  # noqa: E402
+from ..techniques import SPECS  # noqa: E402
+from ..xyz import axis_specs, overrides  # noqa: E402
+from .model_state import assert_restored, snapshot  # noqa: E402
+from .random_unets import ARCHS, build_unet, randomize, sdpa_attention  # noqa: E402
 
 FAMILY = {"sd15": "sd1", "sd21": "sd2", "sdxl": "sdxl"}
 # Latent sides (pixels / 8). Odd and even, tiny and lopsided: 520x776 and 72x1096 keep their
@@ -531,5 +529,5 @@ def script_module() -> Any:
     """scripts/unetmods.py loaded once per process, like the WebUI loads an extension's script."""
     if not _SCRIPT:
         loaded = [d.module for d in scripts.scripts_data if d.path.endswith(os.path.join("scripts", "unetmods.py"))]
-        _SCRIPT.append(loaded[0] if loaded else scripts.load_script(os.path.join(ROOT, "scripts", "unetmods.py")))
+        _SCRIPT.append(loaded[0] if loaded else scripts.load_script(os.path.join(CHECKOUT, "scripts", "unetmods.py")))
     return _SCRIPT[0]
