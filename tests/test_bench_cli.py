@@ -1,10 +1,9 @@
-"""The benchmark's command line: --help is instant and shows defaults, every bad option or --mods
+"""The benchmark's command line: --help imports no torch and shows defaults, every bad option or --mods
 text is one line on stderr with exit code 2 before any model is built, --mods merges a technique
 named twice."""
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -21,12 +20,11 @@ def run_cli(*args, timeout=120):
                           text=True, timeout=timeout)
 
 
-def test_help_is_fast_shows_defaults_and_imports_no_torch():
-    start = time.perf_counter()
+def test_help_shows_defaults_and_imports_no_torch():
+    """--help is instant because it imports no torch (checked by import, not by a clock: CI
+    machines are shared)."""
     result = run_cli("--help")
-    elapsed = time.perf_counter() - start
     assert result.returncode == 0
-    assert elapsed < 2.0, f"--help took {elapsed:.1f} s"
     for option in bench_cli.OPTIONS:
         assert option.flags[0] in result.stdout
     for default in ("default: 384x384", "default: 3", "default: cpu", "default: bench-out", "default: 1)"):

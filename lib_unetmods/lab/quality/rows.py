@@ -35,12 +35,11 @@ class Row:
         return self.mods if isinstance(self.mods, str) else self.mods[layout(family)]
 
     def describe(self, family: str) -> str:
+        """The settings text, or the probe (with the settings it runs beside, if any)."""
         text = self.mods_for(family)
-        return text if self.probe is None else f"{self.probe} ({text})" if text != "none" else self.probe
-
-    @property
-    def is_plain(self) -> bool:
-        return self.mods == "none" and self.probe is None and not self.half_steps
+        if self.probe is None:
+            return text
+        return self.probe if text == "none" else f"{self.probe}; {text}"
 
 
 def _plain(scale: Scale, cfg: float | None = None, group: str = DEFAULT) -> Row:

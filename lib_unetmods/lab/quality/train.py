@@ -42,15 +42,18 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-class SkipDrop:
-    """Training-time skip dropout: for the rows it is given, every skip connection reaches its
-    output block as zeros, so those rows' prediction has to come through the middle block.
+class SkipSwap:
+    """Training-time skip swap: for the rows it is given, every skip connection reaches its output
+    block from another image of the batch (the next row's), so the layout those rows are asked
+    for can only come through the middle block: the decoder learns to take the layout from the
+    deep path at the noise levels where it is decided, and the detail from the skips.
 
     Without it a small model on simple data places its object from its first levels alone (the
-    first lab model: shrinking its deep features moved its picture by 5e-6); SD's deep path is
-    where the layout is decided (what Deep Shrink, FreeU's backbone factors, PAG on the middle
-    block and DeepCache rely on). Dropping the skips on part of the noisiest rows, where the
-    layout is decided, makes the deep path carry it; the other rows keep the skips' detail."""
+    first lab model: shrinking its deep features moved its picture by 5e-6), while SD decides the
+    layout in its deep path (what Deep Shrink, FreeU's backbone factors, PAG on the middle block
+    and DeepCache rely on). Zeroed skips were tried first: the decoder learned to tell them apart
+    and ignored the deep path whenever real skips came (the SD1-layout model's picture moved by
+    4e-5 with the middle block's output zeroed); a swapped skip looks like any other."""
 
     def __init__(self, unet: torch.nn.Module) -> None:
         umap = map_unet(unet)
@@ -63,9 +66,10 @@ class SkipDrop:
             if self.rows is None or not bool(self.rows.any()):
                 return None
             x = args[0]
-            keep = torch.ones(x.shape[0], x.shape[1], 1, 1, dtype=x.dtype)
-            keep[self.rows, h_channels:] = 0
-            return (x * keep, *args[1:])
+            h, skip = x[:, :h_channels], x[:, h_channels:]
+            donor = skip.roll(1, dims=0)  # row i gets row i-1's skip: another image, another noise level
+            skip = torch.where(self.rows[:, None, None, None], donor, skip)
+            return (torch.cat([h, skip], dim=1), *args[1:])
         return hook
 
 
@@ -75,7 +79,7 @@ def train(args: argparse.Namespace) -> None:
     data = torch.Generator().manual_seed(args.seed + 1)
     model = Proxy(ProxyConfig.of(args.model))
     ema = copy.deepcopy(model).requires_grad_(False)
-    skip_drop = SkipDrop(model.unet)
+    skip_swap = SkipSwap(model.unet)
     config = model.config
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     alphas = TRAIN_ALPHAS_CUMPROD.float()
@@ -94,7 +98,7 @@ def train(args: argparse.Namespace) -> None:
             shape = torch.where(drop, len(SHAPES), batch.shape)
             colour = torch.where(drop, len(COLOURS), batch.colour)
             position = torch.where(drop, len(POSITIONS), batch.position)
-            skip_drop.rows = (t >= args.skip_drop_from) & (torch.rand(args.batch, generator=data) < args.skip_drop)
+            skip_swap.rows = (t >= args.skip_swap_from) & (torch.rand(args.batch, generator=data) < args.skip_swap)
             xt, v = v_target(x0, noise, alphas[t])
             for group in optimiser.param_groups:
                 group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
@@ -122,7 +126,7 @@ def train(args: argparse.Namespace) -> None:
             if done % args.save_every == 0 or done == args.steps:
                 meta = {"training": {"steps": done, "planned_steps": args.steps, "batch": args.batch, "lr": args.lr,
                                      "warmup": args.warmup, "ema": args.ema, "uncond": args.uncond,
-                                     "skip_drop": args.skip_drop, "skip_drop_from": args.skip_drop_from, "seed": args.seed,
+                                     "skip_swap": args.skip_swap, "skip_swap_from": args.skip_swap_from, "seed": args.seed,
                                      "threads": args.threads, "seconds": round(time.monotonic() - started),
                                      "final_loss": curve[-1][1] if curve else None, "loss_curve": curve}}
                 save(ema, args.out, meta)
@@ -139,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=200, help="warm-up steps (default: 200)")
     ap.add_argument("--ema", type=float, default=0.998, help="EMA decay of the saved weights (default: 0.998)")
     ap.add_argument("--uncond", type=float, default=0.1, help="share of unconditional rows, for CFG (default: 0.1)")
-    ap.add_argument("--skip-drop", type=float, default=0.5,
-                    help="share of the noisiest rows trained with every skip connection zeroed (default: 0.5)")
-    ap.add_argument("--skip-drop-from", type=int, default=600, help="rows at this timestep or above are the noisiest (default: 600)")
+    ap.add_argument("--skip-swap", type=float, default=0.7,
+                    help="share of the noisiest rows trained with every skip from another image (default: 0.7)")
+    ap.add_argument("--skip-swap-from", type=int, default=500, help="rows at this timestep or above are the noisiest (default: 500)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the data (default: 0)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     ap.add_argument("--log-every", type=int, default=50, help="print the mean loss every N steps (default: 50)")
