@@ -15,14 +15,14 @@ from lib_unetmods.preview import Image, compute
 from lib_unetmods.techniques import todo
 from lib_unetmods.unet_map import map_unet
 from lib_unetmods.lab.model_state import assert_restored, snapshot
-from tiny_unet_calls import call, rel, unet_of
+from tiny_unet_calls import announce, call, rel, unet_of
 
 
 def with_ours(unet, inputs, text, step=0, steps=1, hires=False):
     clock = StepClock()
     clock.start(steps, hires=hires)
     clock.begin_step(step)
-    clock.set_layout(inputs["x"].shape[0] // 2, inputs["x"].shape[0] - inputs["x"].shape[0] // 2)
+    announce(clock, inputs["x"].shape[0] // 2)
     with sdpa_attention():  # the host's attention kernel is chosen before the mods are applied
         applied = apply_mods(unet, Settings.from_text(text, strict=True), clock, seed=3)
         try:

@@ -28,8 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..clock import covers_no_step
 from ..params import Param, TechniqueSpec, first_pass_or_hires_box
 from ..patcher import current_forward
+from ..unet_map import plain_self_attention
 from .hypertile import layer_grid
 
 AUTO_MAX_DEPTH = {"sd1": 1, "sd2": 1, "sdxl": 2, "sdxl_refiner": 2}  # SDXL has no attention at full resolution
@@ -130,16 +132,12 @@ class _CallState:
         self.active = self.clock.in_window(self.start, self.end)
 
 
-def _has_context(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    return any(a is not None for a in args[:1]) or any(kwargs.get(k) is not None for k in ("context", "value"))
-
-
 def _downsampled_forward(inner: Callable[..., Any], state: _CallState, factor: float, max_down: int,
                          method: str) -> Callable[..., Any]:
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         # only plain self-attention on the UNet call's own rows: tiles or windows another technique
         # moved into the batch (HyperTile, MSW-MSA) and merged tokens (ToMe) are left whole
-        if not state.active or state.size is None or x.ndim != 3 or x.shape[0] != state.batch or _has_context(args, kwargs):
+        if not state.active or state.size is None or x.ndim != 3 or x.shape[0] != state.batch or not plain_self_attention(args, kwargs):
             return inner(x, *args, **kwargs)
         height, width = state.size
         if layer_downsample(height, width, x.shape[1]) > max_down:
@@ -171,8 +169,9 @@ def idle(values: dict[str, Any], umap: Any, where: Any) -> str | None:
     factor = max(pass_factor(values, h) for h in ((clock.hires,) if clock is not None else (False, True)))
     if factor <= 1:
         return f"factor {factor:g} downsamples nothing"
-    if clock is not None and not clock.window_steps(values["start"], values["end"]):
-        return f"the start/end window covers no step of this {clock.total_steps}-step pass"
+    window = covers_no_step(clock, lambda c: c.window_steps(values["start"], values["end"]))
+    if window is not None:
+        return window
     if umap is not None:
         max_depth = resolve_max_depth(values["max_depth"], umap.family)
         if not umap.self_attention(max_level=max_depth - 1):
