@@ -58,6 +58,18 @@ class ApplyContext:
     def warn(self, message: str) -> None:
         self.messages.append(f"{SPECS[self.technique].title}: {message}")
 
+    def warner(self) -> Callable[[str], None]:
+        """For the current technique's hooks, which warn while sampling (when `technique` names
+        another): a function that adds a message under its title, each message once."""
+        title = SPECS[self.technique].title
+
+        def warn_once(message: str) -> None:
+            line = f"{title}: {message}"
+            if line not in self.messages:
+                self.messages.append(line)
+
+        return warn_once
+
     def forward_hooks(self) -> ForwardHooks:
         """The block-level hook points (forward.py), installed on first use; raises Refused where
         they cannot run (classic Forge)."""

@@ -370,12 +370,7 @@ class _UNetCallHooks:
         self.pushed: tuple[Any, torch.Tensor] | None = None  # (evaluation, change of each stacked row)
         self.first_scale: float | None = None  # the latent's scale at the first push of this pass
         self.stopped = False
-        self.warned: set[str] = set()
-
-    def warn_once(self, message: str) -> None:
-        if message not in self.warned:
-            self.warned.add(message)
-            self.ctx.warn(message)
+        self.warn_once = ctx.warner()
 
     def sigmas(self, x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor | None:
         if t is None or not torch.is_tensor(t) or t.numel() not in (1, x.shape[0]):

@@ -116,12 +116,7 @@ class Runtime:
         self.shift = ResultShift()
         self.cond_calls = 0  # calls with cond rows to guide
         self.guided = 0  # of those, calls whose guidance had a scale above 0
-        self.warned: set[str] = set()
-
-    def warn_once(self, key: str, message: str) -> None:
-        if key not in self.warned:
-            self.warned.add(key)
-            self.ctx.messages.append(f"{SPEC.title}: {message}")
+        self.warn_once = ctx.warner()
 
     def attention(self, attn: nn.Module) -> Callable[..., Any]:
         inner = current_forward(attn)
@@ -146,11 +141,11 @@ class Runtime:
             return out
         rows = call.rows
         if rows is None or not rows.coefficients_known:
-            self.warn_once("rows", "which rows of this UNet call are cond and uncond rows, and of which image, is "
+            self.warn_once("which rows of this UNet call are cond and uncond rows, and of which image, is "
                                    "unknown; no guidance on it")
             return out
         if not self.shift.begin(rows):
-            self.warn_once("lost", "the host's guidance gave no weight to the rows of an image; no guidance on it")
+            self.warn_once("the host's guidance gave no weight to the rows of an image; no guidance on it")
         cond = rows.of(COND)
         scale = self.scale(call) if cond else 0.0
         self.cond_calls += bool(cond)

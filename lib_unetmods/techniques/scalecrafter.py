@@ -346,7 +346,7 @@ class Runtime:
         self.ndcfg_pass = False
         self.shift = ResultShift()  # uncond_mild - uncond_main of each image, still to place
         self._factors: dict[tuple[Any, ...], dict[str, tuple[float, bool]]] = {}
-        self.warned: set[str] = set()
+        self.warn_once = ctx.warner()
 
     def plan(self, size: tuple[int, int]) -> Plan:
         if size not in self.plans:
@@ -387,9 +387,10 @@ class Runtime:
         if self.ndcfg_pass or call.extra or plan is None or not ndcfg_active(plan, clock.step, clock.total_steps):
             return out
         rows = call.rows
-        if rows is None or not rows.coefficients_known or rows.of(IMAGE):
-            return self._plain_cfg("the rows of this call are unknown" if rows is None or not rows.coefficients_known
-                                   else "an edit model guides with image rows too", out)
+        if rows is None or not rows.coefficients_known:
+            return self._plain_cfg("the rows of this call are unknown", out)
+        if any(r.kind == IMAGE for r in rows.evaluation.rows):
+            return self._plain_cfg("an edit model guides with image rows too", out)
         if not self.shift.begin(rows):
             self._plain_cfg("the host's guidance gave no weight to an image's uncond row", out)
         uncond = rows.of(UNCOND)
@@ -418,13 +419,8 @@ class Runtime:
             self.ndcfg_pass = False
 
     def _plain_cfg(self, why: str, out: torch.Tensor) -> torch.Tensor:
-        self._warn_once("layout", f"NDCFG needs the cond and uncond rows of each image ({why}); plain CFG there")
+        self.warn_once(f"NDCFG needs the cond and uncond rows of each image ({why}); plain CFG there")
         return out
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self.warned:  # shown with the run's other messages (ctx.warn names the current technique)
-            self.warned.add(key)
-            self.ctx.messages.append(f"{SPEC.title}: {message}")
 
 
 def conv_names(umap: Any) -> dict[str, str]:
