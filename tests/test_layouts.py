@@ -201,6 +201,15 @@ def test_split_equals_batched_in_the_hires_pass_and_with_a_second_order_sampler(
     assert rel(split, batched) < 1e-5 and p.extra_generation_params == q.extra_generation_params
 
 
+def test_ndcfg_at_cfg_1_with_split_calls_leaves_the_evaluation_alone(script_module):
+    """At CFG 1 an image's uncond row carries nothing into its result, and with split calls its cond
+    row ran before the milder uncond was known: NDCFG says so and changes nothing, in no later evaluation
+    either (each change stays in its evaluation)."""
+    image, p = ours(script_module, "batched_split", TECHNIQUES["ndcfg"], cfg_scale=1.0)
+    plain, _ = ours(script_module, "batched_split", SC, cfg_scale=1.0)
+    assert torch.equal(image, plain) and "gave no weight to an image's uncond row" in p.extra_generation_params["UNetMods messages"]
+
+
 # --- the row description against the hosts' combines -----------------------------------------
 
 def a1111_combine(out, parts, cfg, skip=False):

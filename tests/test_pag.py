@@ -145,6 +145,23 @@ def test_one_extra_pass_over_the_cond_rows_per_step():
     assert calls == [2, 1, 2, 2]
 
 
+def test_the_perturbed_pass_is_not_a_call_of_the_step():
+    """The clock counts the host's calls in a step (DeepCache keeps a cache entry per call): the
+    perturbed pass made inside a call is not one of them."""
+    unet, clock_calls = forge.forge_unet(unet_of("sd15")), []
+    d = data("sd15")
+    clock = StepClock()
+    clock.start(STEPS)
+    applied = apply_mods(unet, Settings.from_text("pag", strict=True), clock, latent_shape=(1, 4, *SIZE))
+    handle = unet.register_forward_pre_hook(lambda m, a, k: clock_calls.append(clock.calls_in_step), with_kwargs=True)
+    try:
+        forge.sample(forge.UnetPatcher(forge.KModel(unet)), d["noise"], d["cond"], d["uncond"], STEPS, clock, split=True)
+    finally:
+        handle.remove()
+        applied.restore()
+    assert clock_calls == [1, 2, 2] * STEPS  # uncond call, cond call, the perturbed pass inside it
+
+
 def test_off_is_bit_identical_and_restored():
     base = run("a1111", "sd15", "")
     messages = []

@@ -116,13 +116,23 @@ def downsample_tokens(x: torch.Tensor, h: int, w: int, size: tuple[int, int], me
 # --- wiring ------------------------------------------------------------------------------
 
 class _CallState:
-    """Latent size and batch of the current UNet call, and whether this step is in the window."""
+    """Latent size and batch of the current UNet call, whether this step is in the window, and what
+    the layer calls in the window were: left whole as tiles or windows, downsampled."""
 
     def __init__(self, clock: Any, start: float, end: float) -> None:
         self.clock, self.start, self.end = clock, start, end
         self.size: tuple[int, int] | None = None
         self.batch = 0
         self.active = False
+        self.seen = self.tiled = self.downsampled = 0
+
+    def idle(self) -> str | None:
+        """After the pass: why no layer call was downsampled (None when one was, or none came)."""
+        if self.downsampled or not self.seen:
+            return None
+        if self.tiled == self.seen:
+            return "every self-attention call it would downsample was cut into tiles or windows (HyperTile, MSW-MSA)"
+        return "no self-attention call of this pass had a depth and size it downsamples"
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         x = args[0] if args else kwargs.get("x")
@@ -135,9 +145,15 @@ class _CallState:
 def _downsampled_forward(inner: Callable[..., Any], state: _CallState, factor: float, max_down: int,
                          method: str) -> Callable[..., Any]:
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not state.active or state.size is None or x.ndim != 3:
+            return inner(x, *args, **kwargs)
+        state.seen += 1
         # only plain self-attention on the UNet call's own rows: tiles or windows another technique
         # moved into the batch (HyperTile, MSW-MSA) and merged tokens (ToMe) are left whole
-        if not state.active or state.size is None or x.ndim != 3 or x.shape[0] != state.batch or not plain_self_attention(args, kwargs):
+        if x.shape[0] != state.batch:
+            state.tiled += 1
+            return inner(x, *args, **kwargs)
+        if not plain_self_attention(args, kwargs):
             return inner(x, *args, **kwargs)
         height, width = state.size
         if layer_downsample(height, width, x.shape[1]) > max_down:
@@ -149,6 +165,7 @@ def _downsampled_forward(inner: Callable[..., Any], state: _CallState, factor: f
         if size == grid:
             return inner(x, *args, **kwargs)
         context = downsample_tokens(x, *grid, size, method)
+        state.downsampled += 1
         if args:
             return inner(x, context, *args[1:], **kwargs)
         return inner(x, **{**kwargs, "context": context})
@@ -188,6 +205,7 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
     layers = ctx.map.self_attention(max_level=max_depth - 1)
     state = _CallState(ctx.clock, values["start"], values["end"])
     ctx.patcher.add_handle(ctx.unet.register_forward_pre_hook(state, with_kwargs=True), ctx.technique)
+    ctx.idle_after(state.idle)
     for layer in layers:
         module = layer.module
         forward = _downsampled_forward(current_forward(module), state, factor, 2 ** (max_depth - 1), values["method"])
