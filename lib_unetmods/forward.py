@@ -12,6 +12,11 @@ and with hooks that change nothing the output is bit-identical (same operations,
 
 Classic Forge calls the blocks' children directly (`forward_timestep_embed`), so block-level
 points cannot run there: `install_forward` refuses with a message.
+
+Before any of them, `CallTracker` sees each UNet call as it came (its hooks run first and last on
+the UNet module, on every host): the caller's arguments, which an extra pass (NDCFG, PAG) replays,
+and the call's rows (rows.py), which a host's call takes from the evaluation its glue announced
+and an extra pass gets from the technique that makes it.
 """
 from __future__ import annotations
 
