@@ -42,6 +42,12 @@ def layout(family: str) -> str:
     return FAMILIES[family].layout if family in FAMILIES else family
 
 
+def is_sdxl(family: str) -> bool:
+    """Laid out like SDXL (its refiner and the lab's SDXL-layout proxy included): SDXL's block
+    names, no attention at full resolution."""
+    return layout(family) in (SDXL, SDXL_REFINER)
+
+
 def native_side(family: str) -> int:
     """Latent side of the family's training size (SD1's for an unknown family)."""
     return FAMILIES.get(family, FAMILIES[SD1]).native_side

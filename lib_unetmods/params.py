@@ -133,10 +133,10 @@ class TechniqueSpec:
     def recommended_values(self, family: str) -> dict[str, Any]:
         """Defaults with the family's recommended values (an SDXL variant falls back to SDXL's, a
         derived family such as the lab's proxy to its layout's)."""
-        from .families import layout
+        from .families import SDXL, is_sdxl, layout
 
         values = self.defaults()
-        fallback = self.recommended.get("sdxl" if family.startswith("sdxl") else layout(family))
+        fallback = self.recommended.get(SDXL if is_sdxl(family) else layout(family))
         values.update(self.recommended.get(family) or fallback or self.recommended.get("default", {}))
         values["enabled"] = True
         return values

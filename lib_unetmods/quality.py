@@ -1,7 +1,7 @@
-"""`python -m lib_unetmods.quality`: the quality lab (lab/quality.py)."""
+"""`python -m lib_unetmods.quality`: the quality lab (lab/quality/cli.py)."""
 import sys
 
-from .lab.quality import main
+from .lab.quality.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

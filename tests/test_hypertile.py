@@ -140,7 +140,7 @@ def test_sdxl_depth_table_matches_the_builtin():
     unet = build_unet("sdxl", "tiny")
     for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
         for m in block.modules():
-            if type(m).__name__ == "DeepSpatialTransformer":
+            if type(m).__name__ == "SpatialTransformer":
                 set_transformer_depth(m, 2 if m.in_channels == 2 * unet.model_channels else 10)
     umap = map_unet(unet)
     half = ["input_blocks.4", "input_blocks.5", "output_blocks.3", "output_blocks.4", "output_blocks.5"]

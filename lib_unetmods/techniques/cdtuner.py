@@ -40,6 +40,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
+from ..families import is_sdxl
 from ..rows import UNCOND, CallRows
 from ..params import Param, TechniqueSpec, auto_values_param
 from ..schedules import TRAIN_SIGMAS
@@ -138,7 +139,7 @@ def rescale_affine(out: torch.Tensor, bias: torch.Tensor | None, a: float, c: fl
 
 def latent_shift(values: dict[str, float], family: str) -> list[float]:
     """The per-channel amount the reference subtracts from the x0 estimate: K_SHIFT * table."""
-    rows = SHIFT_ROWS["sdxl" if family.startswith("sdxl") else "sd"]
+    rows = SHIFT_ROWS["sdxl" if is_sdxl(family) else "sd"]
     return [K_SHIFT * sum(values[n] * row[ch] for n, row in zip(SHIFT_NAMES, rows)) for ch in range(4)]
 
 
@@ -148,7 +149,7 @@ def colour_vector(colour: Sequence[float], family: str) -> list[float]:
     colour = list(colour)
     if len(colour) == 3:
         colour.insert(0, sum(colour) / 3)
-    rows = SHIFT_ROWS["sdxl" if family.startswith("sdxl") else "sd"][1:]
+    rows = SHIFT_ROWS["sdxl" if is_sdxl(family) else "sd"][1:]
     return [0.02 * sum(v * row[ch] for v, row in zip(colour, rows)) for ch in (1, 2, 3)]
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..families import PIXELS_PER_LATENT, ByFamily, native_side as native_latent_side
+from ..families import PIXELS_PER_LATENT, ByFamily, is_sdxl, native_side as native_latent_side
 from ..forward import Refused, select_rows
 from ..rows import IMAGE, UNCOND, CallRows, ResultShift
 from ..params import Param, TechniqueSpec, first_pass_or_hires_box
@@ -175,7 +175,7 @@ def lookup(table: Mapping[str, float], name: str, family: str) -> float:
     """The table's dilation for a diffusers conv name: the longest matching prefix, else 1."""
     best, value = -1, 1.0
     for prefix, d in table.items():
-        target = sdxl_name(prefix) if family.startswith("sdxl") else prefix
+        target = sdxl_name(prefix) if is_sdxl(family) else prefix
         if target and (name == target or name.startswith(target + ".")) and len(target) > best:
             best, value = len(target), float(d)
     return value

@@ -11,8 +11,9 @@ ceil(sqrt(HW // N)), is at most 2**(max_depth - 1); the new side is int(side / f
 "Disable after" is the end of the step window (the A1111 extension: active while step < int(d * steps)).
 
 Differences from the references, none of which changes the result where they run:
-- the grid of a layer is the one the stride-2 convs give (ceil sizes); the references take
-  H // 2**k, which cannot reshape the tokens of a latent with an odd side (they fail there);
+- the grid of a layer is the one the stride-2 convs give (ceil sizes), as the A1111 extension's
+  current code takes it; the paper's code takes H // 2**k, which cannot reshape the tokens of a
+  latent with an odd side (it fails there);
 - the window counts sampler steps (the A1111 extension counts UNet calls, so a second-order
   sampler or split cond/uncond calls would end it early);
 - nearest and nearest-exact pick the kept tokens with an index gather (the indices are the ones
@@ -29,12 +30,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..clock import covers_no_step
+from ..families import ByFamily, is_sdxl
 from ..params import Param, TechniqueSpec, first_pass_or_hires_box
 from ..patcher import current_forward
 from ..unet_map import plain_self_attention
 from .hypertile import layer_grid
 
-AUTO_MAX_DEPTH = {"sd1": 1, "sd2": 1, "sdxl": 2, "sdxl_refiner": 2}  # SDXL has no attention at full resolution
+AUTO_MAX_DEPTH = ByFamily({"sd1": 1, "sd2": 1, "sdxl": 2, "sdxl_refiner": 2})  # SDXL has no attention at full resolution
 METHODS = ("nearest-exact", "nearest", "bilinear", "bicubic", "area")
 
 SPEC = TechniqueSpec(
@@ -193,7 +195,7 @@ def idle(values: dict[str, Any], umap: Any, where: Any) -> str | None:
         max_depth = resolve_max_depth(values["max_depth"], umap.family)
         if not umap.self_attention(max_level=max_depth - 1):
             return (f"no self-attention at depth <= {max_depth} in this {umap.family} UNet"
-                    + (" (SDXL has none at full resolution: use 2)" if umap.family.startswith("sdxl") else ""))
+                    + (" (SDXL has none at full resolution: use 2)" if is_sdxl(umap.family) else ""))
     return None
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..clock import covers_no_step
-from ..families import ByFamily
+from ..families import ByFamily, is_sdxl
 from ..params import NOT_THIS_PASS, Param, TechniqueSpec
 from ..patcher import current_forward
 
@@ -312,7 +312,7 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
                    if 2 ** a.level <= max_downsample}.values())
     if not blocks:
         ctx.warn(f"no transformer block at downsampling <= {max_downsample} in this {ctx.map.family} UNet"
-                 + (" (SDXL has none at full resolution: use 2)" if ctx.map.family.startswith("sdxl") else ""))
+                 + (" (SDXL has none at full resolution: use 2)" if is_sdxl(ctx.map.family) else ""))
         return
     state = MergeState(ratio, max_downsample, sx, sy, values["use_rand"], int(ctx.seed))
     hook = _latent_size_hook(state, ctx.clock, values["start"], values["end"])

@@ -25,8 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..families import PROXY, PROXY_XL
-from .random_unets import make_sdxl_shaped
+from ...families import PROXY, PROXY_XL
+from ..random_unets import make_sdxl_shaped
 from .shapes import COLOURS, POSITIONS, SHAPES
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
@@ -136,7 +136,7 @@ def load(path: str = WEIGHTS[PROXY], dtype: torch.dtype = torch.float32) -> Prox
 
     meta_path = os.path.splitext(path)[0] + ".json"
     if not os.path.isfile(path) or not os.path.isfile(meta_path):
-        raise WeightsError(f"{path} or its .json is missing: train them with python -m lib_unetmods.lab.train_proxy --model <family>")
+        raise WeightsError(f"{path} or its .json is missing: train them with python -m lib_unetmods.lab.quality.train --model <family>")
     with open(meta_path) as f:
         record = json.load(f)
     if sha256(path) != record["sha256"]:

@@ -1,7 +1,7 @@
 """Train one of the quality lab's proxy models from nothing (CPU, one thread by default):
 
-    python -m lib_unetmods.lab.train_proxy --model proxy --steps 5000      # the SD1-layout model
-    python -m lib_unetmods.lab.train_proxy --model proxy_xl --steps 5000   # the SDXL-layout model
+    python -m lib_unetmods.lab.quality.train --model proxy --steps 5000      # the SD1-layout model
+    python -m lib_unetmods.lab.quality.train --model proxy_xl --steps 5000   # the SDXL-layout model
 
 v-prediction on SD's scaled-linear schedule (1000 steps, betas 0.00085..0.012); AdamW with a linear
 warm-up and a cosine decay; an EMA of the weights is what is saved (fp16). Every batch is drawn
@@ -19,11 +19,12 @@ import time
 
 import torch
 
-from .progress import fmt_time
-from ..families import PROXY
-from .proxy_model import UNETS, WEIGHTS, Proxy, ProxyConfig, save, to_latent
-from .random_unets import sdpa_attention
-from ..schedules import TRAIN_ALPHAS_CUMPROD
+from ..progress import fmt_time
+from ...families import PROXY
+from .models import UNETS, WEIGHTS, Proxy, ProxyConfig, save, to_latent
+from ..random_unets import sdpa_attention
+from ...schedules import TRAIN_ALPHAS_CUMPROD
+from ...unet_map import map_unet
 from .shapes import COLOURS, POSITIONS, SHAPES, make_batch
 
 
@@ -41,12 +42,40 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+class SkipDrop:
+    """Training-time skip dropout: for the rows it is given, every skip connection reaches its
+    output block as zeros, so those rows' prediction has to come through the middle block.
+
+    Without it a small model on simple data places its object from its first levels alone (the
+    first lab model: shrinking its deep features moved its picture by 5e-6); SD's deep path is
+    where the layout is decided (what Deep Shrink, FreeU's backbone factors, PAG on the middle
+    block and DeepCache rely on). Dropping the skips on part of the noisiest rows, where the
+    layout is decided, makes the deep path carry it; the other rows keep the skips' detail."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        umap = map_unet(unet)
+        self.rows: torch.Tensor | None = None
+        self.handles = [block.module.register_forward_pre_hook(self._hook(h_channels))
+                        for block, h_channels in zip(umap.outputs, umap.h_channels)]
+
+    def _hook(self, h_channels: int):  # type: ignore[no-untyped-def]
+        def hook(module: torch.nn.Module, args: tuple) -> tuple | None:
+            if self.rows is None or not bool(self.rows.any()):
+                return None
+            x = args[0]
+            keep = torch.ones(x.shape[0], x.shape[1], 1, 1, dtype=x.dtype)
+            keep[self.rows, h_channels:] = 0
+            return (x * keep, *args[1:])
+        return hook
+
+
 def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     data = torch.Generator().manual_seed(args.seed + 1)
     model = Proxy(ProxyConfig.of(args.model))
     ema = copy.deepcopy(model).requires_grad_(False)
+    skip_drop = SkipDrop(model.unet)
     config = model.config
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     alphas = TRAIN_ALPHAS_CUMPROD.float()
@@ -65,6 +94,7 @@ def train(args: argparse.Namespace) -> None:
             shape = torch.where(drop, len(SHAPES), batch.shape)
             colour = torch.where(drop, len(COLOURS), batch.colour)
             position = torch.where(drop, len(POSITIONS), batch.position)
+            skip_drop.rows = (t >= args.skip_drop_from) & (torch.rand(args.batch, generator=data) < args.skip_drop)
             xt, v = v_target(x0, noise, alphas[t])
             for group in optimiser.param_groups:
                 group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
@@ -91,7 +121,8 @@ def train(args: argparse.Namespace) -> None:
                       flush=True)
             if done % args.save_every == 0 or done == args.steps:
                 meta = {"training": {"steps": done, "planned_steps": args.steps, "batch": args.batch, "lr": args.lr,
-                                     "warmup": args.warmup, "ema": args.ema, "uncond": args.uncond, "seed": args.seed,
+                                     "warmup": args.warmup, "ema": args.ema, "uncond": args.uncond,
+                                     "skip_drop": args.skip_drop, "skip_drop_from": args.skip_drop_from, "seed": args.seed,
                                      "threads": args.threads, "seconds": round(time.monotonic() - started),
                                      "final_loss": curve[-1][1] if curve else None, "loss_curve": curve}}
                 save(ema, args.out, meta)
@@ -99,7 +130,7 @@ def train(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lib_unetmods.lab.train_proxy", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m lib_unetmods.lab.quality.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(UNETS), default=PROXY, help="which proxy: its family id (default: proxy)")
     ap.add_argument("--steps", type=int, default=5000, help="optimiser steps (default: 5000)")
@@ -108,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=200, help="warm-up steps (default: 200)")
     ap.add_argument("--ema", type=float, default=0.998, help="EMA decay of the saved weights (default: 0.998)")
     ap.add_argument("--uncond", type=float, default=0.1, help="share of unconditional rows, for CFG (default: 0.1)")
+    ap.add_argument("--skip-drop", type=float, default=0.5,
+                    help="share of the noisiest rows trained with every skip connection zeroed (default: 0.5)")
+    ap.add_argument("--skip-drop-from", type=int, default=600, help="rows at this timestep or above are the noisiest (default: 600)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the data (default: 0)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     ap.add_argument("--log-every", type=int, default=50, help="print the mean loss every N steps (default: 50)")
