@@ -2,16 +2,20 @@
 one does: lib_unetmods/lab/hosts/webui): Settings > "Batch cond/uncond" on and off, AND parts whose
 count and weight differ per image, prompt and negative prompt of different token counts (padded or
 not), uncond rows dropped by "Negative Guidance minimum sigma" and by early-CFG skipping, an edit
-model's three row groups, the hires pass and a second-order sampler.
+model's three row groups, the hires pass, a second-order sampler and sd-webui-controlnet's forward.
 
 Through the script, PAG, CD Tuner's colour map and ScaleCrafter's noise-damped CFG equal a direct
 reference sampler written here (every prediction in its own UNet call, combined as A1111 combines
 them) to 1e-4, and give the same image with batch cond/uncond on and off (1e-5). Below: the row
-description itself (a1111_call, forge_call, rows.ResultShift) against the hosts' combines."""
+description itself (a1111_call, forge_call, rows.ResultShift) against the hosts' combines, and what
+Forge's cfg_denoiser callback announces."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from lib_unetmods import Settings, StepClock, a1111_call, apply_mods, forge_call
+from lib_unetmods.lab.hosts.controlnet import ControlNetHook
 from lib_unetmods.lab.model_state import assert_restored, snapshot
 from lib_unetmods.lab.random_unets import build_unet
 from lib_unetmods.lab.sampler import sd_sigmas, sigma_to_t
@@ -201,6 +205,22 @@ def test_split_equals_batched_in_the_hires_pass_and_with_a_second_order_sampler(
     assert rel(split, batched) < 1e-5 and p.extra_generation_params == q.extra_generation_params
 
 
+@pytest.mark.parametrize("technique", ["pag", "colour_map"])
+def test_split_equals_batched_under_controlnets_forward(script_module, technique):
+    """sd-webui-controlnet replaces the UNet's forward and adds its residuals in every call: the rows
+    stay what A1111's CFG denoiser made them."""
+    unit = ControlNetHook(unet_of("sd15"), scale=0.5)
+    unit.hook()
+    try:
+        batched, _ = ours(script_module, "and", TECHNIQUES[technique])
+        split, p = ours(script_module, "and_split", TECHNIQUES[technique])
+        plain, _ = ours(script_module, "and", "")
+    finally:
+        unit.restore()
+        del unet_of("sd15").forward  # ControlNet's leftover bound forward
+    assert rel(split, batched) < 1e-5 and rel(batched, plain) > 1e-3 and "UNetMods messages" not in p.extra_generation_params
+
+
 def test_ndcfg_at_cfg_1_with_split_calls_leaves_the_evaluation_alone(script_module):
     """At CFG 1 an image's uncond row carries nothing into its result, and with split calls its cond
     row ran before the milder uncond was known: NDCFG says so and changes nothing, in no later evaluation
@@ -316,6 +336,27 @@ def test_a1111_evaluations_describe_each_layout():
     assert a1111_call.evaluation(parts, 7.0, layout=a1111_call.Layout(edit=True)) is None  # A1111 refuses AND there
     taken = a1111_call.evaluation(parts, 7.0, layout=split)
     assert taken.take(3) is None and taken.take(2) is None  # a call that does not fit: the rest is unknown
+
+
+def test_forge_announces_what_its_cfg_denoiser_will_run():
+    """forge_call.evaluation_from on Forge's cfg_denoiser params: the hires pass's own CFG scale, the
+    uncond chunk gone on NGMS steps (Forge guides at scale 1 there), the parts of the image with the
+    fewest, weighted as the last image's."""
+    weights = [[1.0, 0.5, 0.2], [0.8, 0.4]]
+    batch = [[SimpleNamespace(weight=w) for w in ws] for ws in weights]
+
+    def params(hires, sigma, step):
+        extra = {"cond": SimpleNamespace(batch=batch), "cond_scale": 7.0, "s_min_uncond": 2.0}
+        denoiser = SimpleNamespace(sampler=SimpleNamespace(sampler_extra_args=extra), step=step, total_steps=4,
+                                   p=SimpleNamespace(is_hr_pass=hires, hr_cfg=3.0))
+        return SimpleNamespace(denoiser=denoiser, x=torch.zeros(2, 4, 8, 8), sigma=torch.full((2,), sigma), text_uncond=object())
+
+    o = SimpleNamespace(skip_early_cond=0.0, s_min_uncond_all=False)
+    ev = forge_call.evaluation_from(params(True, 5.0, 1), o)
+    assert [(r.kind, r.part, r.weight) for r in ev.rows[::2]] == [(UNCOND, 0, 1.0), (COND, 1, 0.4), (COND, 0, 0.8)]
+    assert [r.coef for r in ev.rows[::2]] == pytest.approx([1 - 3.0 * 1.2, 3.0 * 0.4, 3.0 * 0.8])
+    ngms = forge_call.evaluation_from(params(False, 1.0, 1), o)
+    assert [r.kind for r in ngms.rows] == [COND] * 4 and [r.coef for r in ngms.rows[::2]] == pytest.approx([0.4, 0.8])
 
 
 def test_a1111_skips_as_its_cfg_denoiser():
