@@ -47,6 +47,15 @@ def forge_call(kwargs: dict[str, Any]) -> bool:
     return isinstance(options, dict) and bool(options.get("cond_or_uncond"))
 
 
+def chunk_options(options: dict[str, Any], kinds: Sequence[str], batch: int) -> dict[str, Any]:
+    """Forge's `transformer_options` for an extra pass over whole chunks of a call of `batch` rows
+    (rows of these kinds), so that Forge's own patches see what the pass holds."""
+    per = batch // len(options["cond_or_uncond"])
+    cond = [i for i, kind in enumerate(kinds) if kind != UNCOND]
+    return {**options, "cond_or_uncond": [0 if kind != UNCOND else 1 for kind in kinds[::per]], "cond_indices": cond,
+            "uncond_indices": [i for i in range(len(kinds)) if i not in cond]}
+
+
 def evaluation(parts: Sequence[Sequence[float]], cfg_scale: float, latents: torch.Tensor | None = None) -> Evaluation:
     """The chunks Forge stacks for images whose prompts have these AND weights, in the order its
     calls take them."""

@@ -20,15 +20,14 @@ and an extra pass gets from the technique that makes it.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from .clock import StepClock
-from .forge_call import align_control, control_present, forge_call, forge_rows
+from .forge_call import align_control, chunk_options, control_present, forge_call, forge_rows
 from .patcher import Patcher, current_forward
 from .rows import CallRows, Evaluation
 from .unet_map import UNetMap, map_unet
@@ -149,14 +148,19 @@ class CallTracker:
         patcher.add_handle(unet.register_forward_hook(self._leave, with_kwargs=True, always_call=True), "calls")
         patcher.on_restore(self.calls.clear, "calls")
 
-    @contextmanager
-    def extra_pass(self, owner: str, rows: CallRows | None) -> Iterator[None]:
-        """Around a technique's extra UNet call made from an end hook: the nested call is marked
-        (UNetCall.extra = owner, so other techniques' end hooks leave it alone), is not a call of
-        the step, and has these rows."""
-        self._extra = (owner, rows)
+    def rerun(self, unet: nn.Module, owner: str, rows: CallRows, index: list[int]) -> Any:
+        """The current call again on some of its rows, as `owner`'s extra pass (NDCFG, PAG), made
+        from an end hook: every technique's hooks run on it, it is marked (UNetCall.extra = owner, so
+        other techniques' end hooks leave it alone), is not a call of the step, and has these rows."""
+        host = self.calls[-1]
+        picked = torch.tensor(index, device=_split_call(host.args, host.kwargs)[0].device)
+        kwargs = select_rows(host.kwargs, picked, len(rows))
+        if forge_call(kwargs):
+            kwargs["transformer_options"] = chunk_options(kwargs["transformer_options"], [rows.rows[i].kind for i in index],
+                                                          len(rows))
+        self._extra = (owner, rows.select(index))
         try:
-            yield
+            return unet(*select_rows(host.args, picked, len(rows)), **kwargs)
         finally:
             self._extra = None
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..clock import covers_no_step
-from ..forward import Refused, UNetCall, select_rows
+from ..forward import Refused, UNetCall
 from ..params import Param, TechniqueSpec, first_pass_or_hires_box
 from ..patcher import current_forward
 from ..rows import COND, CallRows, ResultShift
@@ -141,8 +141,8 @@ class Runtime:
             return out
         rows = call.rows
         if rows is None or not rows.coefficients_known:
-            self.warn_once("which rows of this UNet call are cond and uncond rows, and of which image, is "
-                                   "unknown; no guidance on it")
+            self.warn_once("which rows of this UNet call are cond and uncond rows, and of which image, is unknown; "
+                           "no guidance on it")
             return out
         if not self.shift.begin(rows):
             self.warn_once("the host's guidance gave no weight to the rows of an image; no guidance on it")
@@ -151,7 +151,7 @@ class Runtime:
         self.cond_calls += bool(cond)
         if scale > 0:
             self.guided += 1
-            perturbed = self.perturbed_pass(call, rows, cond)
+            perturbed = self.perturbed_pass(rows, cond)
             # the difference from the UNet's own cond rows: an earlier end hook (NDCFG) may have shifted `out`
             diff = call.state.get("output", out)[cond] - perturbed.to(out.dtype)
             for j, i in enumerate(cond):
@@ -162,21 +162,12 @@ class Runtime:
         shift = self.shift.place(rows, out)
         return out if shift is None else out + shift
 
-    def perturbed_pass(self, call: UNetCall, rows: CallRows, cond: list[int]) -> torch.Tensor:
+    def perturbed_pass(self, rows: CallRows, cond: list[int]) -> torch.Tensor:
         """The whole UNet again (every other technique included) on the cond rows, the chosen
         self-attention layers perturbed; not a sampler call."""
-        host = self.ctx.calls.current
-        index = torch.tensor(cond, device=call.x.device)
-        kwargs = select_rows(host.kwargs, index, len(rows))
-        options = kwargs.get("transformer_options")
-        if isinstance(options, dict) and "cond_or_uncond" in options:  # Forge: describe the cond-only batch
-            chunks = [c for c in options["cond_or_uncond"] if c == 0] or [0]
-            kwargs["transformer_options"] = {**options, "cond_or_uncond": chunks, "cond_indices": list(range(len(cond))),
-                                             "uncond_indices": []}
         self.perturbing = True
         try:
-            with self.ctx.calls.extra_pass(SPEC.id, rows.select(cond)):
-                return self.ctx.unet(*select_rows(host.args, index, len(rows)), **kwargs)
+            return self.ctx.calls.rerun(self.ctx.unet, SPEC.id, rows, cond)
         finally:
             self.perturbing = False
 

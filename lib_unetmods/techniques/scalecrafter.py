@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..families import PIXELS_PER_LATENT, ByFamily, is_sdxl, native_side as native_latent_side
-from ..forward import Refused, select_rows
+from ..forward import Refused
 from ..rows import IMAGE, UNCOND, CallRows, ResultShift
 from ..params import Param, TechniqueSpec, first_pass_or_hires_box
 from .scalecrafter_disperse import dispersion_matrix
@@ -395,26 +395,18 @@ class Runtime:
             self._plain_cfg("the host's guidance gave no weight to an image's uncond row", out)
         uncond = rows.of(UNCOND)
         if uncond:
-            mild = self.mild_pass(rows, uncond, out.device)
+            mild = self.mild_pass(rows, uncond)
             for j, i in enumerate(uncond):
                 self.shift.add(rows.rows[i].image, mild[j] - out[i])
         shift = self.shift.place(rows, out)
         return out if shift is None else out + shift
 
-    def mild_pass(self, rows: CallRows, uncond: list[int], device: torch.device) -> torch.Tensor:
+    def mild_pass(self, rows: CallRows, uncond: list[int]) -> torch.Tensor:
         """The whole UNet again, with every other technique, on the uncond rows only, with NDCFG's
         milder dilation (not a sampler call)."""
-        host = self.ctx.calls.current
-        index = torch.tensor(uncond, device=device)
-        kwargs = select_rows(host.kwargs, index, len(rows))
-        options = kwargs.get("transformer_options")
-        if isinstance(options, dict) and "cond_or_uncond" in options:  # Forge: describe the uncond-only batch
-            kwargs["transformer_options"] = {**options, "cond_or_uncond": [1], "cond_indices": [],
-                                             "uncond_indices": list(range(len(uncond)))}
         self.ndcfg_pass = True
         try:
-            with self.ctx.calls.extra_pass(SPEC.id, rows.select(uncond)):
-                return self.ctx.unet(*select_rows(host.args, index, len(rows)), **kwargs)
+            return self.ctx.calls.rerun(self.ctx.unet, SPEC.id, rows, uncond)
         finally:
             self.ndcfg_pass = False
 
