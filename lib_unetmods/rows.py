@@ -66,10 +66,6 @@ class Evaluation:
         """The sum of the AND weights of the image's cond rows (W: its guidance is s * W (cond - uncond))."""
         return sum(r.weight for r in self.rows if r.kind == COND and r.image == image)
 
-    @property
-    def complete(self) -> bool:
-        return not self.broken and self.taken == len(self.run)
-
 
 @dataclass(frozen=True)
 class CallRows:
