@@ -9,7 +9,7 @@ import torch.nn as nn
 from .acts import PassInfo, idle_reason, say_idle
 from .clock import StepClock
 from .composition import resolve_conflicts
-from .forward import ForwardHooks, Refused, install_forward
+from .forward import CallTracker, ForwardHooks, Refused, install_forward
 from .patcher import Patcher, restore_model
 from .settings import Settings
 from .techniques import SPECS, TECHNIQUES
@@ -29,11 +29,14 @@ class ApplyContext:
     prediction: str = "eps"  # what the UNet predicts, "eps" or "v" (SD2-768): for output corrections
     hires_planned: bool = False  # this first pass is followed by a hires-fix pass
     base_shape: tuple[int, ...] | None = None  # in the hires pass: the first pass's latent shape
-    cfg_scale: float | None = None  # the host's CFG scale, where known (PAG on split cond/uncond calls)
     messages: list[str] = field(default_factory=list)
     technique: str = ""
     after_pass: dict[str, Callable[[], str | None]] = field(default_factory=dict)
+    calls: CallTracker = field(init=False)  # the UNet calls under way: their inputs and rows (forward.py)
     _hooks: ForwardHooks | None = None
+
+    def __post_init__(self) -> None:
+        self.calls = CallTracker(self.clock)
 
     @property
     def pass_info(self) -> PassInfo:
@@ -55,11 +58,23 @@ class ApplyContext:
     def warn(self, message: str) -> None:
         self.messages.append(f"{SPECS[self.technique].title}: {message}")
 
+    def warner(self) -> Callable[[str], None]:
+        """For the current technique's hooks, which warn while sampling (when `technique` names
+        another): a function that adds a message under its title, each message once."""
+        title = SPECS[self.technique].title
+
+        def warn_once(message: str) -> None:
+            line = f"{title}: {message}"
+            if line not in self.messages:
+                self.messages.append(line)
+
+        return warn_once
+
     def forward_hooks(self) -> ForwardHooks:
         """The block-level hook points (forward.py), installed on first use; raises Refused where
         they cannot run (classic Forge)."""
         if self._hooks is None:
-            self._hooks = install_forward(self.unet, self.patcher, self.clock, self.map)
+            self._hooks = install_forward(self.unet, self.patcher, self.clock, self.calls, self.map)
         return self._hooks
 
     def hook(self, point: str, fn: Callable[..., Any]) -> None:
@@ -96,7 +111,8 @@ def apply_mods(unet: nn.Module, settings: Settings, clock: StepClock, *, seed: i
                prediction: str = "eps", hires_planned: bool = False,
                base_shape: tuple[int, ...] | None = None, cfg_scale: float | None = None) -> Applied:
     """Install the enabled techniques for one sampling pass. Call clock.start() for the pass
-    first. With nothing enabled, nothing at all is installed on the model."""
+    first. With nothing enabled, nothing at all is installed on the model. (`cfg_scale` is not
+    used: each evaluation's rows carry the host's CFG scale, rows.py; the quality lab still passes it.)"""
     messages = ["removed a leftover patch from an earlier run"] if restore_model(unet) else []
     if not settings.enabled_ids():
         return Applied(None, messages)
@@ -109,7 +125,7 @@ def apply_mods(unet: nn.Module, settings: Settings, clock: StepClock, *, seed: i
     messages += notes
     patcher = Patcher(unet)
     ctx = ApplyContext(umap, patcher, clock, seed=seed, latent_shape=latent_shape, vae=vae, prediction=prediction,
-                       hires_planned=hires_planned, base_shape=base_shape, cfg_scale=cfg_scale, messages=messages)
+                       hires_planned=hires_planned, base_shape=base_shape, messages=messages)
     applied = []
     for technique in TECHNIQUES:
         tid = technique.SPEC.id
@@ -130,4 +146,6 @@ def apply_mods(unet: nn.Module, settings: Settings, clock: StepClock, *, seed: i
             continue
         if len(patcher) > changes:  # a technique that returned with "nothing to do" installed nothing
             applied.append(tid)
+    if applied:  # its pre-hook runs first, its hook after the techniques' hooks
+        ctx.calls.install(unet, patcher)
     return Applied(patcher if patcher.active else None, ctx.messages, applied, settings, ctx.after_pass)

@@ -8,6 +8,9 @@ its own loop); the patched forward only counts the calls inside the step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
+
+from .rows import Evaluation
 
 
 @dataclass
@@ -16,9 +19,8 @@ class StepClock:
     step: int = 0
     hires: bool = False  # True in the hires-fix second pass
     sigma: float | None = None
-    calls_in_step: int = 0  # UNet calls seen so far in this step
-    cond_rows: int | None = None  # batch layout of the current call: cond rows first,
-    uncond_rows: int | None = None  # then uncond rows (A1111's layout); None = unknown
+    calls_in_step: int = 0  # the host's UNet calls seen so far in this step (extra passes not counted)
+    evaluation: Evaluation | None = None  # the rows of the model evaluation under way, as the host announced them
     passes: int = 0  # sampling passes started on this clock (first pass, hires pass, ...)
 
     def start(self, total_steps: int, hires: bool = False) -> None:
@@ -28,6 +30,7 @@ class StepClock:
         self.hires = hires
         self.sigma = None
         self.calls_in_step = 0
+        self.evaluation = None
         self.passes += 1
 
     def begin_step(self, step: int, sigma: float | None = None) -> None:
@@ -40,8 +43,9 @@ class StepClock:
     def end_step(self) -> None:
         self.begin_step(self.step + 1)
 
-    def set_layout(self, cond_rows: int | None, uncond_rows: int | None) -> None:
-        self.cond_rows, self.uncond_rows = cond_rows, uncond_rows
+    def evaluate(self, evaluation: Evaluation | None) -> None:
+        """The host starts a model evaluation: its UNet calls take these rows (None: unknown)."""
+        self.evaluation = evaluation
 
     @property
     def progress(self) -> float:
@@ -59,3 +63,11 @@ class StepClock:
     def in_window(self, start: float, end: float) -> bool:
         """start <= step < end, both given as ratios of the pass's steps and truncated to steps."""
         return self.step_of(start) <= self.step and (end >= 1.0 or self.step < self.step_of(end))
+
+
+def covers_no_step(clock: StepClock | None, covered: Callable[[StepClock], Any], what: str = "the start/end window") -> str | None:
+    """A technique's reason to have nothing to do when its window (`covered(clock)`: its steps, or
+    whether it has any) covers no step of the pass; None where it covers one or the pass is unknown."""
+    if clock is None or covered(clock):
+        return None
+    return f"{what} {'cover' if what.endswith('windows') else 'covers'} no step of this {clock.total_steps}-step pass"

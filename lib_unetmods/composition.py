@@ -170,7 +170,7 @@ _TODO = (
 # PAG and ScaleCrafter's noise-damped CFG each add a pass and change different rows: both run. NDCFG
 # replaces the uncond rows by a milder-dilated pass, PAG adds scale * (cond - perturbed cond), where the
 # perturbed pass runs with the main pass's dilation (so the difference is the attention perturbation
-# alone); neither extra pass runs the other's (forward.ForwardHooks.extra_pass).
+# alone); neither extra pass runs the other's (forward.CallTracker.rerun).
 _PAG = (
     Rule(("pag", "scalecrafter"),
          "PAG + ScaleCrafter noise-damped CFG: both extra passes run (about one extra full UNet pass per step): "

@@ -12,19 +12,24 @@ and with hooks that change nothing the output is bit-identical (same operations,
 
 Classic Forge calls the blocks' children directly (`forward_timestep_embed`), so block-level
 points cannot run there: `install_forward` refuses with a message.
+
+Before any of them, `CallTracker` sees each UNet call as it came (its hooks run first and last on
+the UNet module, on every host): the caller's arguments, which an extra pass (NDCFG, PAG) replays,
+and the call's rows (rows.py), which a host's call takes from the evaluation its glue announced
+and an extra pass gets from the technique that makes it.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from .clock import StepClock
-from .forge_call import align_control, control_present, forge_rows
+from .forge_call import align_control, chunk_options, control_present, forge_call, forge_rows
 from .patcher import Patcher, current_forward
+from .rows import CallRows, Evaluation
 from .unet_map import UNetMap, map_unet
 
 POINTS = ("begin", "after_input", "after_skip", "to_skip", "before_concat", "after_output", "end")
@@ -64,14 +69,12 @@ class UNetCall:
     # block as another tensor than the block returned (sd-webui-controlnet's T2I-Adapters)
     residuals: bool = False
     extra: str = ""  # the technique whose extra pass this call is (NDCFG, PAG); "" = a sampler's call
+    rows: CallRows | None = None  # which row is which (None: unknown)
 
     @property
     def control(self) -> bool:
         """Forge passes its ControlNet's residuals as `control` (lists of tensors or None)."""
         return control_present(self.kwargs)
-
-    def rows(self) -> tuple[list[int], list[int]] | None:
-        return batch_rows(self.kwargs, self.clock, self.x.shape[0])
 
     def skip_size(self, output_index: int) -> tuple[int, ...] | None:
         """Spatial size of the skip output_blocks[output_index] concatenates (None past the last)."""
@@ -79,17 +82,12 @@ class UNetCall:
         return tuple(self.shapes["input", j][2:]) if 0 <= j < len(self.skips) else None
 
 
-def batch_rows(kwargs: dict[str, Any], clock: StepClock, batch: int) -> tuple[list[int], list[int]] | None:
-    """(cond row indices, uncond row indices) of a UNet call's batch, or None if unknown: Forge's
-    `transformer_options` (uncond chunk first, or one call per chunk), else the clock's A1111
-    layout (cond rows, then uncond rows)."""
-    rows = forge_rows(kwargs)
-    if rows is not None:
-        return rows
-    nc, nu = clock.cond_rows, clock.uncond_rows
-    if nc is None or nu is None or nc + nu != batch:
-        return None
-    return list(range(nc)), list(range(nc, nc + nu))
+def host_rows(kwargs: dict[str, Any], announced: Evaluation | None, batch: int) -> CallRows | None:
+    """The rows of a host's UNet call: Forge's chunks (`transformer_options`), else the next rows of
+    the evaluation the host announced (A1111's cfg_denoiser callback, the lab's samplers)."""
+    if forge_call(kwargs):
+        return forge_rows(kwargs, batch, announced)
+    return announced.take(batch) if announced is not None else None
 
 
 def _split_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any]:
@@ -119,6 +117,66 @@ def fresh_containers(value: Any) -> Any:
     return value
 
 
+@dataclass
+class HostCall:
+    """One UNet call as it came: the arguments as the caller passed them (before any technique's
+    pre-hook changed them; an extra pass replays them), its rows, and the technique whose extra
+    pass it is ("" = a call of the host's sampler)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    rows: CallRows | None
+    extra: str = ""
+
+
+class CallTracker:
+    """The UNet calls under way (an extra pass runs inside its host call): its pre-hook runs before
+    every technique's, its hook after them (apply.py installs both around the techniques). Host calls
+    take their rows and count as calls of the step; an extra pass gets the rows its technique gives."""
+
+    def __init__(self, clock: StepClock) -> None:
+        self.clock = clock
+        self.calls: list[HostCall] = []
+        self._extra: tuple[str, CallRows | None] | None = None
+
+    @property
+    def current(self) -> HostCall | None:
+        return self.calls[-1] if self.calls else None
+
+    def install(self, unet: nn.Module, patcher: Patcher) -> None:
+        patcher.add_handle(unet.register_forward_pre_hook(self._enter, with_kwargs=True, prepend=True), "calls")
+        patcher.add_handle(unet.register_forward_hook(self._leave, with_kwargs=True, always_call=True), "calls")
+        patcher.on_restore(self.calls.clear, "calls")
+
+    def rerun(self, unet: nn.Module, owner: str, rows: CallRows, index: list[int]) -> Any:
+        """The current call again on some of its rows, as `owner`'s extra pass (NDCFG, PAG), made
+        from an end hook: every technique's hooks run on it, it is marked (UNetCall.extra = owner, so
+        other techniques' end hooks leave it alone), is not a call of the step, and has these rows."""
+        host = self.calls[-1]
+        picked = torch.tensor(index, device=_split_call(host.args, host.kwargs)[0].device)
+        kwargs = select_rows(host.kwargs, picked, len(rows))
+        if forge_call(kwargs):
+            kwargs["transformer_options"] = chunk_options(kwargs["transformer_options"], [rows.rows[i].kind for i in index],
+                                                          len(rows))
+        self._extra = (owner, rows.select(index))
+        try:
+            return unet(*select_rows(host.args, picked, len(rows)), **kwargs)
+        finally:
+            self._extra = None
+
+    def _enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        extra, self._extra = self._extra, None
+        if extra is None:
+            self.clock.calls_in_step += 1
+            x = _split_call(args, kwargs)[0]
+            extra = ("", host_rows(kwargs, self.clock.evaluation, x.shape[0]) if isinstance(x, torch.Tensor) else None)
+        self.calls.append(HostCall(args, fresh_containers(kwargs), extra[1], extra[0]))  # Forge's forward pops its control lists
+
+    def _leave(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        if self.calls:
+            self.calls.pop()
+
+
 class ForwardHooks:
     """Hook lists by point, called in registration order (= technique order):
     begin(call), may set call.shortcut; after_input(i, h, call) -> h, before the skip is saved
@@ -129,38 +187,25 @@ class ForwardHooks:
     end(out, call) -> out.
     """
 
-    def __init__(self, h_channels: list[int], clock: StepClock) -> None:
-        self.h_channels, self.clock = h_channels, clock
+    def __init__(self, h_channels: list[int], clock: StepClock, calls: CallTracker) -> None:
+        self.h_channels, self.clock, self.calls = h_channels, clock, calls
         self.lists: dict[str, list[Callable[..., Any]]] = {p: [] for p in POINTS}
         self.current: UNetCall | None = None
         # output blocks at whose concat the skip is compared with the input block's output, to see
         # whether the host adds residuals (one comparison, and on a GPU one sync, per block and call)
         self.watch_residuals: set[int] = set()
-        self.extra = ""  # set while a technique runs an extra pass of the UNet (see extra_pass)
 
     def add(self, point: str, fn: Callable[..., Any], patcher: Patcher, owner: str = "") -> None:
         hooks = self.lists[point]
         hooks.append(fn)
         patcher.on_restore(lambda: hooks.remove(fn), owner)
 
-    @contextmanager
-    def extra_pass(self, owner: str) -> Iterator[None]:
-        """Around a technique's extra UNet call made from an end hook: the nested call is marked
-        (call.extra = owner, so other techniques' end hooks leave it alone) and is not counted as a
-        sampler call of the step."""
-        calls, previous = self.clock.calls_in_step, self.extra
-        self.extra = owner
-        try:
-            yield
-        finally:
-            self.extra, self.clock.calls_in_step = previous, calls
-
     # --- the UNet call ---------------------------------------------------------------------
 
     def _begin(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         x, timesteps = _split_call(args, kwargs)
-        self.clock.calls_in_step += 1
-        call = UNetCall(x, timesteps, kwargs, self.clock, extra=self.extra)
+        host = self.calls.current
+        call = UNetCall(x, timesteps, kwargs, self.clock, extra=host.extra if host else "", rows=host.rows if host else None)
         self.current = call
         for fn in self.lists["begin"]:
             fn(call)
@@ -299,14 +344,14 @@ class ForwardHooks:
         return forward
 
 
-
-
-def install_forward(unet: nn.Module, patcher: Patcher, clock: StepClock, umap: UNetMap | None = None) -> ForwardHooks:
-    """Install the hook points on the UNet and its blocks (undone by the patcher)."""
+def install_forward(unet: nn.Module, patcher: Patcher, clock: StepClock, calls: CallTracker | None = None,
+                    umap: UNetMap | None = None) -> ForwardHooks:
+    """Install the hook points on the UNet and its blocks (undone by the patcher); `calls`: the
+    tracker apply.py installs (without it, calls have no rows and none is an extra pass)."""
     umap = umap or map_unet(unet)
     if umap.host == "forge_classic":
         raise Refused("classic Forge calls the UNet blocks' layers directly, so block-level hooks never run there")
-    hooks = ForwardHooks(umap.h_channels, clock)
+    hooks = ForwardHooks(umap.h_channels, clock, calls or CallTracker(clock))
     patcher.add_handle(unet.register_forward_pre_hook(hooks._begin, with_kwargs=True), "forward")
     patcher.add_handle(unet.register_forward_hook(hooks._end, with_kwargs=True, always_call=True), "forward")
     for i, block in enumerate(unet.input_blocks):

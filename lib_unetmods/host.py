@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 import torch.nn as nn
 
+from . import a1111_call, forge_call
 from .apply import Applied, apply_mods
 from .clock import StepClock
 from .params import INFOTEXT_PREFIX, MESSAGES_KEY
@@ -32,6 +33,7 @@ class Generation:
     first_pass_shape: tuple[int, ...] | None = None  # latent shape of the first pass, for hires scaling
     # what ran in the current batch: pass (False: first / img2img, True: hires) -> technique -> values used
     ran: dict[bool, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    forge: bool = False  # the host is Forge (its own batching of cond and uncond rows)
 
     def report(self, p: Any, messages: Iterable[str]) -> None:
         """Each message once per generation: to the console, to the UI as a comment, and kept
@@ -117,22 +119,25 @@ def finish_pass(p: Any, generation: Generation) -> None:
         write_infotext(p, ran_infotext(generation.ran), generation)
 
 
+def forge_objects(p: Any) -> Any | None:
+    """Forge's `sd_model.forge_objects` (None on A1111)."""
+    return getattr(getattr(p, "sd_model", None), "forge_objects", None)
+
+
 def host_unet(p: Any) -> nn.Module | None:
     """The UNet module: Forge's `sd_model.forge_objects.unet.model.diffusion_model`, A1111's
     `sd_model.model.diffusion_model`; None where a link is missing."""
-    model = getattr(p, "sd_model", None)
-    forge = getattr(model, "forge_objects", None)
-    wrapper = getattr(forge.unet, "model", None) if forge is not None else getattr(model, "model", None)
+    forge = forge_objects(p)
+    wrapper = getattr(forge.unet, "model", None) if forge is not None else getattr(getattr(p, "sd_model", None), "model", None)
     return getattr(wrapper, "diffusion_model", None)
 
 
 def host_vae(p: Any) -> nn.Module | None:
     """The first-stage model (its decoder is what CD Tuner's saturation edits)."""
-    model = getattr(p, "sd_model", None)
-    forge = getattr(model, "forge_objects", None)
+    forge = forge_objects(p)
     if forge is not None:
         return getattr(forge.vae, "first_stage_model", None)
-    return getattr(model, "first_stage_model", None)
+    return getattr(getattr(p, "sd_model", None), "first_stage_model", None)
 
 
 def webui_token_merging(p: Any, hires: bool) -> float:
@@ -166,6 +171,7 @@ def begin_pass(p: Any, generation: Generation, x_shape: tuple[int, ...] | None, 
         generation.report(p, ["the WebUI's own token merging is on (Settings > Optimizations): "
                               "UNet Mods' ToMe is off for this pass so tokens are not merged twice"])
     generation.clock = StepClock(passes=generation.clock.passes)
+    generation.forge = forge_objects(p) is not None
     generation.clock.start(pass_steps(p, hires, fix_steps), hires)
     if not hires:
         generation.first_pass_shape = x_shape
@@ -178,7 +184,7 @@ def begin_pass(p: Any, generation: Generation, x_shape: tuple[int, ...] | None, 
         vae=host_vae(p),
         prediction="v" if parameterization == "v" else "eps",
         hires_planned=not hires and bool(getattr(p, "enable_hr", False)),
-        base_shape=generation.first_pass_shape if hires else None, cfg_scale=getattr(p, "cfg_scale", None),
+        base_shape=generation.first_pass_shape if hires else None,
     )
     generation.report(p, generation.applied.messages)
     _follow_sampler_steps(p, generation)
@@ -204,8 +210,9 @@ def _follow_sampler_steps(p: Any, generation: Generation) -> None:
     generation.applied.patcher.set_attr(sampler, "callback_state", callback_state, "clock")
 
 
-def on_cfg_denoiser(generation: Generation | None, params: Any) -> None:
-    """The WebUI's per-model-call callback: total steps, sigma, batch layout, and the sampler's
+def on_cfg_denoiser(generation: Generation | None, params: Any, opts: Any) -> None:
+    """The WebUI's per-model-evaluation callback: total steps, sigma, the rows the evaluation's UNet
+    calls will take (a1111_call.py, forge_call.py; `opts`: the WebUI's settings), and the sampler's
     step counter as a floor for the clock (it lags one step behind on k-diffusion samplers)."""
     if generation is None or generation.applied is None:
         return
@@ -215,18 +222,4 @@ def on_cfg_denoiser(generation: Generation | None, params: Any) -> None:
     if hasattr(sigma, "reshape"):  # a tensor, one sigma per row: the rows share it
         sigma = float(sigma.reshape(-1)[0])
     clock.begin_step(max(clock.step, int(params.sampling_step)), sigma)
-    # A1111 stacks cond rows, then one uncond row per image; it may still drop the uncond rows
-    # after this callback (negative guidance minimum sigma), so hooks compare with x's batch size.
-    # Forge passes the undoubled x here and batches on its own: the layout is then unknown.
-    uncond = params.text_uncond
-    if uncond is None:
-        uncond_rows = 0
-    elif hasattr(uncond, "shape"):
-        uncond_rows = uncond.shape[0]
-    else:  # SDXL's conditioning: a dict of tensors with one row each
-        uncond_rows = next(iter(uncond.values())).shape[0]
-    rows = params.x.shape[0]
-    if rows > uncond_rows:
-        clock.set_layout(rows - uncond_rows, uncond_rows)
-    else:
-        clock.set_layout(None, None)
+    clock.evaluate((forge_call if generation.forge else a1111_call).evaluation_from(params, opts))

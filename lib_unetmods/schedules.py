@@ -19,11 +19,28 @@ def _alphas_cumprod() -> torch.Tensor:
 
 TRAIN_ALPHAS_CUMPROD = _alphas_cumprod()
 TRAIN_SIGMAS = ((1 - TRAIN_ALPHAS_CUMPROD) / TRAIN_ALPHAS_CUMPROD) ** 0.5  # SD's 1000 training sigmas
+_LOG_SIGMAS32 = TRAIN_SIGMAS.log().float()
 
 
 def sigma_to_t(sigma: float) -> float:
     """The training timestep nearest to `sigma` (in log sigma)."""
     return float(torch.argmin((TRAIN_SIGMAS.log() - math.log(sigma)).abs()))
+
+
+def percent_to_sigma(percent: float) -> float:
+    """ComfyUI's and Forge's window edge for a ratio of the sampling: the sigma at timestep
+    (1 - percent) * 999, linear in log sigma between the training timesteps around it, in float32
+    as Forge's predictor (backend/modules/k_prediction.py) keeps its sigmas; 0 has no upper edge
+    (inf), 1 puts the lower edge at 0."""
+    if percent <= 0.0:
+        return math.inf
+    if percent >= 1.0:
+        return 0.0
+    position = torch.tensor((1.0 - percent) * 999.0)  # float32
+    below, above = int(position.floor()), int(position.ceil())
+    logs = _LOG_SIGMAS32[[below, above]]
+    frac = position - below
+    return float(torch.exp((1 - frac) * logs[0] + frac * logs[1]))
 
 
 def pass_steps(p: Any, hires: bool, fix_steps: bool = False) -> int:

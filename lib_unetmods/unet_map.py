@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch.nn as nn
 
@@ -34,6 +35,12 @@ class AttentionLayer:
     @property
     def level(self) -> int:
         return self.block.level_in  # attention runs before a block's Upsample
+
+
+def plain_self_attention(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """An attn1 call on its own tokens: nothing passed besides x (a context, value or mask given to
+    self-attention is another extension's patch, e.g. Forge's attn1_patch, which then owns it)."""
+    return all(a is None for a in args) and all(kwargs.get(k) is None for k in ("context", "value", "mask"))
 
 
 @dataclass

@@ -76,7 +76,7 @@ def _custom_unet_active() -> bool:
 
 
 def _cfg_denoiser(params: Any) -> None:
-    on_cfg_denoiser(_current[0] if _current else None, params)
+    on_cfg_denoiser(_current[0] if _current else None, params, shared.opts)
 
 
 def _register_xyz() -> None:

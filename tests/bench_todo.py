@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lib_unetmods import Settings, StepClock, apply_mods  # noqa: E402
+from lib_unetmods.a1111_call import evaluation  # noqa: E402
 from lib_unetmods.lab import random_unets  # noqa: E402
 from lib_unetmods.lab.bench_compare import unet_call  # noqa: E402
 from lib_unetmods.lab.random_unets import build_unet, example_inputs, sdpa_attention, webui_cat_fix  # noqa: E402
@@ -37,7 +38,7 @@ DEFAULT = ("tome ratio=0.5", "todo factor=2", "pag")
 def patched(unet: torch.nn.Module, inputs: dict, text: str) -> torch.Tensor:
     clock = StepClock()
     clock.start(1)
-    clock.set_layout(1, 1)  # cond row, then uncond row (A1111)
+    clock.evaluate(evaluation([[1.0]], 7.0))  # cond row, then uncond row (A1111)
     applied = apply_mods(unet, Settings.from_text(text, strict=True), clock)
     try:
         return unet_call(unet, inputs)

@@ -115,6 +115,15 @@ def test_neutral_values_write_no_key_and_change_nothing(script_module, make_unet
     assert torch.equal(neutral.images[0], plain.images[0])
 
 
+@pytest.mark.parametrize("text", ["deepshrink", "tome ratio=0 hr_ratio=0.5"])
+def test_a_pass_a_technique_is_off_in_by_choice_is_never_said(script_module, make_unet, text):
+    """Deep Shrink's hires box is off by default, ToMe's first-pass ratio can be 0: each acts in one
+    pass, keeps its key, and the other pass says nothing about it."""
+    _, params = run(make_unet("sd15"), script_module, text, enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2)
+    tid = text.split()[0]
+    assert key(tid) in params and not [m for m in said(params) if m.startswith(SPECS[tid].title)], said(params)
+
+
 def test_preview_shows_an_idle_technique_and_no_rule_for_it(make_unet):
     umap = map_unet(make_unet("sd15"))
     preview = compute(Settings.from_text("hypertile; tome ratio=0.5"), Image(width=256, height=256), None, umap)

@@ -292,7 +292,7 @@ def test_colour_map_regions_and_vectors():
 def test_colour_map_push_by_hand():
     x = torch.arange(1.0, 5.0).view(1, 4, 1, 1).repeat(2, 1, 2, 2)  # channel c holds c + 1
     box = [(slice(0, 1), slice(0, 2))]  # top row only
-    out = colour_map_push(x, 1, box, [[0.1, -0.2, 0.3]], [0.5])
+    out = colour_map_push(x, [False, True], box, [[0.1, -0.2, 0.3]], [0.5])
     for ch, v in zip((1, 2, 3), (0.1, -0.2, 0.3)):
         push = v * 6 * (ch + 1) * 0.5
         assert torch.allclose(out[0, ch, 0], torch.tensor(0.5 * (ch + 1) - push))
@@ -313,7 +313,7 @@ def reference_colour_map_sample(unet, noise, cond, uncond, steps, values, family
         if i < values["cm_stop"]:
             boxes = region_boxes(x.shape[-2], x.shape[-1], parse_cells(values["cm_ratios"]), values["cm_mode"])
             ratios = [colour_map_ratio(v, i, values["cm_strength"], values["cm_stop"], False) for v in vectors]
-            x_in = colour_map_push(x_in, x.shape[0], boxes, vectors, ratios)
+            x_in = colour_map_push(x_in, [False] * x.shape[0] + [True] * x.shape[0], boxes, vectors, ratios)
         t = torch.full((2 * x.shape[0],), sigma_to_t(sigma))
         eps = unet(x_in / (sigma ** 2 + 1) ** 0.5, t, context=torch.cat([cond, uncond]))
         d_c, d_u = (x_in - sigma * eps).chunk(2)
@@ -367,7 +367,7 @@ def test_push_is_sane_bounds():
     assert not cdtuner.push_is_sane(first, torch.tensor([0.0, float("inf")]))
 
 
-def test_colour_map_needs_the_batch_layout(make_unet):
+def test_colour_map_needs_the_rows(make_unet):
     unet = make_unet("sd15")
     x = inputs(unet)
     base = unet(**x)
@@ -375,7 +375,7 @@ def test_colour_map_needs_the_batch_layout(make_unet):
     clock.start(3)
     applied = apply_mods(unet, settings(cm_colors="5,-5,-5"), clock)
     assert torch.equal(unet(**x), base)
-    assert any("batch layout" in m for m in applied.messages)
+    assert any("uncond is unknown; colour map skipped" in m for m in applied.messages)
     applied.restore()
 
 

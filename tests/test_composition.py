@@ -11,6 +11,7 @@ from lib_unetmods.lab.random_unets import webui_cat_fix
 from lib_unetmods.techniques import SPECS
 from lib_unetmods.unet_map import map_unet
 from lib_unetmods.lab.model_state import assert_restored, snapshot
+from tiny_unet_calls import announce
 
 # each technique at settings that make it act on a small latent within a short schedule
 ACTIVE = {
@@ -35,7 +36,6 @@ def test_every_pair_runs_or_is_resolved_with_a_message(pair, make_unet, make_inp
     settings = Settings.from_text("; ".join(ACTIVE[t] for t in pair), strict=True)
     clock = StepClock()
     clock.start(4)
-    clock.set_layout(1, 1)
     resolved, notes = resolve_conflicts(settings, map_unet(unet), PassInfo(clock, tuple(inputs["x"].shape)))
     applied = apply_mods(unet, settings, clock, latent_shape=tuple(inputs["x"].shape))
     try:
@@ -43,6 +43,7 @@ def test_every_pair_runs_or_is_resolved_with_a_message(pair, make_unet, make_inp
         with webui_cat_fix():
             for step in range(3):
                 clock.begin_step(step)
+                announce(clock)
                 out = unet(**inputs)
                 assert out.shape == inputs["x"].shape and torch.isfinite(out).all()
     finally:

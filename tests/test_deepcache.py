@@ -15,6 +15,7 @@ from lib_unetmods.lab.sampler import euler_sample
 from lib_unetmods.techniques.deepcache import full_steps, quad_center_steps
 from lib_unetmods.unet_map import map_unet
 from lib_unetmods.lab.model_state import assert_restored, snapshot
+from tiny_unet_calls import announce
 
 import ldm.modules.diffusionmodules.openaimodel as openaimodel
 
@@ -23,9 +24,8 @@ def dc(text: str = "") -> Settings:
     return Settings.from_text(f"deepcache {text}", strict=True)
 
 
-def call(unet, inputs, clock, step, layout=(None, None)):
+def call(unet, inputs, clock, step):
     clock.begin_step(step)
-    clock.set_layout(*layout)
     return unet(inputs["x"], inputs["timesteps"], context=inputs["context"], y=inputs["y"])
 
 
@@ -241,18 +241,22 @@ def test_each_call_of_a_step_reads_its_own_cache(make_unet, mode):
     clock = StepClock()
     clock.start(10)
     applied = apply_mods(unet, dc("interval=3"), clock)
-    layouts = [(2, 0), (0, 2)] if mode == "split_cond_uncond" else [(1, 1), (1, 1)]
+    split = mode == "split_cond_uncond"  # one evaluation of two images: their cond rows, then their uncond rows
     levels = [(900, 880), (860, 840)] if mode == "second_order" else [(900, 900), (860, 860)]
     caches = []
     with entering(unet, 11) as seen:
         for j in range(2):
-            call(unet, inputs_at(unet, levels[0][j], seed=20 + j), clock, 0, layouts[j])
+            if j == 0 or not split:
+                announce(clock, 2 if split else 1, split)
+            call(unet, inputs_at(unet, levels[0][j], seed=20 + j), clock, 0)
         caches = list(seen)
     assert not torch.equal(caches[0], caches[1])
     with counting(unet.middle_block[0]) as middle:
         for j in range(2):
             later = inputs_at(unet, levels[1][j], seed=30 + j)
-            out = call(unet, later, clock, 1, layouts[j])
+            if j == 0 or not split:
+                announce(clock, 2 if split else 1, split)
+            out = call(unet, later, clock, 1)
             torch.testing.assert_close(out, cheap_reference(unet, later, 0, caches[j]), rtol=1e-5, atol=1e-6)
     assert middle == []
     applied.restore()
@@ -265,13 +269,18 @@ def test_batch_shape_change_forces_full_steps(make_unet):
     clock = StepClock()
     clock.start(10)
     applied = apply_mods(unet, dc("interval=5"), clock)
-    call(unet, inputs_at(unet, 900, seed=0), clock, 0, (1, 1))
+    announce(clock)
+    call(unet, inputs_at(unet, 900, seed=0), clock, 0)
     half = inputs_at(unet, 850, seed=1, batch=1)  # NGMS drops the uncond rows
     both = inputs_at(unet, 800, seed=2)  # back to 2 rows: the old 2-row cache was dropped
     with counting(unet.middle_block[0]) as middle:
-        outs = [call(unet, half, clock, 1, (1, 0)), call(unet, both, clock, 2, (1, 1))]
+        announce(clock, skip=True)
+        outs = [call(unet, half, clock, 1)]
+        announce(clock)
+        outs.append(call(unet, both, clock, 2))
         assert middle == [1, 1]
-        call(unet, inputs_at(unet, 750, seed=3), clock, 3, (1, 1))
+        announce(clock)
+        call(unet, inputs_at(unet, 750, seed=3), clock, 3)
         assert middle == [1, 1]  # cheap again, from step 2's cache
     applied.restore()
     assert torch.equal(outs[0], unpatched(unet, half)) and torch.equal(outs[1], unpatched(unet, both))

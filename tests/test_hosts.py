@@ -17,7 +17,8 @@ from lib_unetmods.lab.hosts import forge
 from lib_unetmods.lab.hosts.controlnet import ControlNetHook
 from lib_unetmods import Settings, StepClock, apply_mods
 from lib_unetmods.lab.random_unets import ADM_CHANNELS, build_unet, context_dim
-from lib_unetmods.lab.sampler import euler_sample
+from lib_unetmods.lab.sampler import euler_sample, karras_sigmas, sd_sigmas
+from lib_unetmods.techniques.deepshrink import Window, in_sigma_window
 from lib_unetmods.lab.model_state import assert_restored, snapshot
 
 STEPS = 4
@@ -62,15 +63,17 @@ def ldm_unet(arch: str) -> torch.nn.Module:
 KOHYA = {"block": 3, "factor": 2.0, "start": 0.0, "end": 0.5, "after_skip": True, "down": "bicubic", "up": "bicubic"}
 
 
-def forge_kohya_hrfix(patcher, clock: StepClock, block: int, factor: float, start: float, end: float, after_skip: bool,
-                      down: str, up: str) -> None:
+def forge_kohya_hrfix(patcher, block: int, factor: float, start: float, end: float, after_skip: bool, down: str,
+                      up: str) -> None:
     """Forge's built-in Kohya HRFix (extensions-builtin/sd_forge_kohya_hrfix, ComfyUI's
-    PatchModelAddDownscale), written out directly: in the window, h is shrunk to round(side / factor)
+    PatchModelAddDownscale), written out directly: while percent_to_sigma(end) <= the call's
+    sigmas[0] <= percent_to_sigma(start) (the predictor's edges), h is shrunk to round(side / factor)
     after input block `block` (before or after its skip is stored); before each concat h is resized
-    to the skip when their sizes differ; Forge's own Upsample goes to the next skip's shape. Its sigma
-    window is written as our step window (the README's percent-to-sigma note)."""
+    to the skip when their sizes differ; Forge's own Upsample goes to the next skip's shape."""
+    sigma_start, sigma_end = patcher.model.percent_to_sigma(start), patcher.model.percent_to_sigma(end)
+
     def shrink(h, options):
-        if options["block"][1] != block or not clock.in_window(start, end):
+        if options["block"][1] != block or not sigma_end <= options["sigmas"][0].item() <= sigma_start:
             return h
         return F.interpolate(h, size=(round(h.shape[-2] / factor), round(h.shape[-1] / factor)), mode=down)
 
@@ -90,12 +93,14 @@ def kohya_text(v: dict) -> str:
 
 def run(host: str, arch: str, text: str, control_scale: float = 0.0, control_active=lambda: True,
         messages: list[str] | None = None, idle: bool = False, adapter: bool = False,
-        kohya: dict | None = None, size: tuple[int, int] = SIZE, layout: str = "cfg") -> torch.Tensor:
-    """Sample STEPS steps on the host with `text` applied, restore, check the restore."""
+        kohya: dict | None = None, size: tuple[int, int] = SIZE, layout: str = "cfg", steps: int = STEPS,
+        sigmas: torch.Tensor | None = None) -> torch.Tensor:
+    """Sample `steps` steps (Forge: on `sigmas`, default evenly spaced) on the host with `text` applied,
+    restore, check the restore."""
     base = ldm_unet(arch)
     data = inputs(arch, size)
     clock = StepClock()
-    clock.start(STEPS)
+    clock.start(steps)
     unet = forge.forge_unet(base) if host.startswith("forge") else base
     patcher = forge.UnetPatcher(forge.KModel(unet)) if host.startswith("forge") else None
     options_before = copy.deepcopy(patcher.model_options) if patcher else None
@@ -115,12 +120,12 @@ def run(host: str, arch: str, text: str, control_scale: float = 0.0, control_act
             sampling = patcher
             if kohya is not None:  # Forge's built-in on a clone, as Forge's scripts patch
                 sampling = patcher.clone()
-                forge_kohya_hrfix(sampling, clock, **kohya)
-            out = forge.sample(sampling, data["noise"], data["cond"], data["uncond"], STEPS, clock,
+                forge_kohya_hrfix(sampling, **kohya)
+            out = forge.sample(sampling, data["noise"], data["cond"], data["uncond"], steps, clock,
                                split=host == "forge_split", control=control, y=data["y"], y_uncond=data["y_uncond"],
-                               layout=layout)
+                               layout=layout, sigmas=sigmas)
         else:
-            out = euler_sample(unet, data["noise"], data["cond"], data["uncond"], STEPS, clock, y=data["y"],
+            out = euler_sample(unet, data["noise"], data["cond"], data["uncond"], steps, clock, y=data["y"],
                                y_uncond=data["y_uncond"])
     finally:  # also after an exception or interrupt
         applied.restore()
@@ -281,6 +286,23 @@ def test_deep_shrink_on_forge_is_forges_builtin_kohya_hrfix(host, change):
     v = {**KOHYA, **change}
     ours = run(host, "sd15", kohya_text(v))
     torch.testing.assert_close(ours, run(host, "sd15", "", kohya=v), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["even", "karras"])
+@pytest.mark.parametrize("steps", [3, 4, 20, 30])
+def test_deep_shrink_on_forge_keeps_the_builtins_sigma_window(steps, schedule):
+    """At any step count and schedule the built-in shrinks the calls whose sigma lies in its window
+    (percent_to_sigma), which the A1111 rule int(end * steps) does not always give (at 4 steps 2 steps
+    against 1, at 30 steps 11 against 10, either schedule): on Forge Deep Shrink follows the built-in."""
+    v = {**KOHYA, "end": 0.35}
+    sigmas = karras_sigmas(steps) if schedule == "karras" else None
+    ours = run("forge", "sd15", kohya_text(v), steps=steps, sigmas=sigmas, size=(16, 24))
+    torch.testing.assert_close(ours, run("forge", "sd15", "", kohya=v, steps=steps, sigmas=sigmas, size=(16, 24)),
+                               rtol=0, atol=1e-5)
+    window = Window(v["block"], v["start"], v["end"])
+    schedule_sigmas = (karras_sigmas(steps) if schedule == "karras" else sd_sigmas(steps))[:-1]
+    by_sigma = sum(in_sigma_window(window, float(s)) for s in schedule_sigmas)
+    assert by_sigma == int(0.35 * steps) + (steps in (4, 30))
 
 
 def test_deep_shrink_hosts_differ_only_where_the_upsample_meets_a_shrunk_size():

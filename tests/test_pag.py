@@ -1,10 +1,10 @@
 """Perturbed-Attention Guidance against a direct implementation written here: identity attention
 map, and a sampler that evaluates cond, uncond and the perturbed cond separately and combines
 eps_u + cfg (eps_c - eps_u) + scale (eps_c - eps_perturbed). Ours, through the host's own CFG, on
-A1111's batch layout, Forge's uncond-first batch, Forge's split calls and cond-only calls at CFG 1;
-off, windows, restore, cost, bad layers, the combination with ScaleCrafter's NDCFG and the hires pass."""
+the lab's A1111 batch, Forge's uncond-first batch, split calls, AND chunks and cond-only calls at
+CFG 1; off, windows, unknown rows, an adaptive scale at 0, restore, cost, bad layers, the combination
+with ScaleCrafter's NDCFG and the hires pass. Every A1111 call layout: test_layouts.py."""
 import functools
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -15,6 +15,7 @@ from lib_unetmods.lab.random_unets import ADM_CHANNELS, build_unet, context_dim,
 from lib_unetmods.lab.sampler import euler_sample, sd_sigmas, sigma_to_t
 from lib_unetmods.techniques import pag
 from lib_unetmods.lab.model_state import assert_restored, snapshot
+from tiny_unet_calls import announce, identity_map_attention, perturbed
 from webui_run import clean_state, make_runner, script_module, txt2img  # noqa: F401
 
 from modules import processing  # noqa: E402
@@ -44,94 +45,56 @@ def data(arch, batch=1):
 
 # --- the direct implementation ---------------------------------------------------------------
 
-def identity_map_attention(attn, x, context=None, **_):
-    """Attention written out with the identity as attention map (softmax(QK^T) replaced by I)."""
-    b, n, _ = x.shape
-    heads = attn.heads
-    v = attn.to_v(x).view(b, n, heads, -1).transpose(1, 2)
-    weights = torch.eye(n).expand(b, heads, n, n)
-    out = (weights @ v).transpose(1, 2).reshape(b, n, -1)
-    return attn.to_out(out)
-
-
-@contextmanager
-def perturbed(unet, blocks):
-    attns = [m.attn1 for block in blocks for m in block.modules() if type(m).__name__ == "BasicTransformerBlock"]
-    for a in attns:
-        a.forward = functools.partial(identity_map_attention, a)
-    try:
-        yield
-    finally:
-        for a in attns:
-            del a.forward
-
-
 @torch.no_grad()
-def direct_sample(unet, d, cfg, scale, blocks=None, cond_only=False):
-    """Euler, each prediction in its own UNet call; guided = cfg result + scale (cond - perturbed)."""
+def direct_sample(unet, d, cfg, scale, blocks=None, cond_only=False, parts=1):
+    """Euler, each prediction in its own UNet call; guided = cfg result + scale (cond - perturbed).
+    `parts` 2: an AND prompt of the cond and the cond with its tokens reversed (Forge's stand-in),
+    guided = uncond + cfg sum_k (cond_k - uncond) + scale mean_k (cond_k - perturbed_k)."""
     blocks = blocks or [unet.middle_block]
     sigmas = sd_sigmas(STEPS)
     x = d["noise"] * sigmas[0]
+    conds = [d["cond"], d["cond"].flip(1)][:parts]
     for i in range(STEPS):
         sigma = float(sigmas[i])
         xin = x / (sigma ** 2 + 1) ** 0.5
         t = torch.full((x.shape[0],), sigma_to_t(sigma))
-        eps_c = unet(xin, t, context=d["cond"], y=d["y"])
-        eps_u = eps_c if cond_only else unet(xin, t, context=d["uncond"], y=d["y_uncond"])
+        eps_c = [unet(xin, t, context=c, y=d["y"]) for c in conds]
+        eps_u = 0 if cond_only else unet(xin, t, context=d["uncond"], y=d["y_uncond"])
         with perturbed(unet, blocks):
-            eps_p = unet(xin, t, context=d["cond"], y=d["y"])
-        eps = eps_u + cfg * (eps_c - eps_u) + scale * (eps_c - eps_p)
+            eps_p = [unet(xin, t, context=c, y=d["y"]) for c in conds]
+        eps = eps_u + cfg * sum(c - eps_u for c in eps_c) + scale * sum(c - p for c, p in zip(eps_c, eps_p)) / parts
         x = x + eps * (float(sigmas[i + 1]) - sigma)
     return x
 
 
 # --- ours on each host layout ------------------------------------------------------------------
 
-@torch.no_grad()
-def forge_cond_only(patcher, d, clock):
-    """Forge at CFG 1: the uncond chunk is dropped, every call holds the cond rows only."""
-    sigmas = sd_sigmas(STEPS)
-    x = d["noise"] * sigmas[0]
-    clock.set_layout(None, None)
-    for i in range(STEPS):
-        sigma = float(sigmas[i])
-        clock.begin_step(i, sigma)
-        s = torch.full((x.shape[0],), sigma)
-        to = {"cond_or_uncond": [0], "cond_indices": list(range(x.shape[0])), "uncond_indices": [], "sigmas": s}
-        extra = {} if d["y"] is None else {"y": d["y"]}
-        denoised = patcher.model.apply_model(x, s, c_crossattn=d["cond"], transformer_options=to, **extra)
-        x = x + (x - denoised) / sigma * (float(sigmas[i + 1]) - sigma)
-    clock.end_step()
-    return x
-
-
-def run(host, arch, text, cfg=7.0, give_cfg=True, messages=None, calls=None):
+def run(host, arch, text, cfg=7.0, messages=None, calls=None, layout="cfg"):
     base = unet_of(arch)
     d = data(arch)
     unet = forge.forge_unet(base) if host.startswith("forge") else base
     before = snapshot(unet)
     clock = StepClock()
     clock.start(STEPS)
-    applied = apply_mods(unet, Settings.from_text(text, strict=True) if text else Settings(), clock,
-                         latent_shape=(1, 4, *SIZE), cfg_scale=cfg if give_cfg else None)
+    applied = apply_mods(unet, Settings.from_text(text, strict=True) if text else Settings(), clock, latent_shape=(1, 4, *SIZE))
     handle = unet.register_forward_pre_hook(lambda m, a, k: calls.append((a or (k["x"],))[0].shape[0]), with_kwargs=True) \
         if calls is not None else None
     try:
         if host == "a1111":
             out = euler_sample(unet, d["noise"], d["cond"], d["uncond"], STEPS, clock, cfg_scale=cfg, y=d["y"],
                                y_uncond=d["y_uncond"])
-        elif host == "forge_cfg1":
-            out = forge_cond_only(forge.UnetPatcher(forge.KModel(unet)), d, clock)
         else:
             out = forge.sample(forge.UnetPatcher(forge.KModel(unet)), d["noise"], d["cond"], d["uncond"], STEPS, clock,
-                               cfg_scale=cfg, split=host == "forge_split", y=d["y"], y_uncond=d["y_uncond"])
+                               cfg_scale=cfg, split=host == "forge_split", y=d["y"], y_uncond=d["y_uncond"],
+                               layout="cfg1" if host == "forge_cfg1" else layout)
     finally:
         if handle is not None:
             handle.remove()
         applied.restore()
+        finish = applied.idle_after_pass()
     assert_restored(unet, before)
     if messages is not None:
-        messages += applied.messages
+        messages += applied.messages + list(finish.values())
     return out
 
 
@@ -182,6 +145,23 @@ def test_one_extra_pass_over_the_cond_rows_per_step():
     assert calls == [2, 1, 2, 2]
 
 
+def test_the_perturbed_pass_is_not_a_call_of_the_step():
+    """The clock counts the host's calls in a step (DeepCache keeps a cache entry per call): the
+    perturbed pass made inside a call is not one of them."""
+    unet, clock_calls = forge.forge_unet(unet_of("sd15")), []
+    d = data("sd15")
+    clock = StepClock()
+    clock.start(STEPS)
+    applied = apply_mods(unet, Settings.from_text("pag", strict=True), clock, latent_shape=(1, 4, *SIZE))
+    handle = unet.register_forward_pre_hook(lambda m, a, k: clock_calls.append(clock.calls_in_step), with_kwargs=True)
+    try:
+        forge.sample(forge.UnetPatcher(forge.KModel(unet)), d["noise"], d["cond"], d["uncond"], STEPS, clock, split=True)
+    finally:
+        handle.remove()
+        applied.restore()
+    assert clock_calls == [1, 2, 2] * STEPS  # uncond call, cond call, the perturbed pass inside it
+
+
 def test_off_is_bit_identical_and_restored():
     base = run("a1111", "sd15", "")
     messages = []
@@ -194,11 +174,37 @@ def test_off_is_bit_identical_and_restored():
     assert_restored(unet, before)
 
 
-def test_split_calls_without_the_cfg_scale_say_so():
-    messages = []
-    out = run("forge_split", "sd15", "pag", give_cfg=False, messages=messages)
-    assert torch.equal(out, run("forge_split", "sd15", ""))
-    assert any("need the CFG scale" in m for m in messages)
+@pytest.mark.parametrize("host", ["forge", "forge_split"])
+def test_forges_and_prompt_chunks(host):
+    """Forge's AND prompt: one chunk per part, the second part's first; the parts' weighted mean of
+    cond - perturbed, through Forge's CFG scaled by the weights' sum."""
+    unet = unet_of("sd15")
+    expected = direct_sample(unet, data("sd15"), cfg=4.0, scale=3.0, parts=2)
+    assert rel(expected, direct_sample(unet, data("sd15"), cfg=4.0, scale=0.0, parts=2)) > 1e-2
+    assert rel(run(host, "sd15", "pag scale=3", cfg=4.0, layout="and"), expected) < 1e-4
+
+
+def test_calls_with_unknown_rows_are_left_alone_and_said():
+    """A call no evaluation announced (another extension calling the UNet, a host the glue does not
+    know): no guidance, one message; a pass without a call it could guide writes no key."""
+    unet = unet_of("sd15")
+    inputs = example_inputs(unet, batch=2, height=16, width=16)
+    plain = unet(inputs["x"], inputs["timesteps"], context=inputs["context"])
+    clock = StepClock()
+    clock.start(STEPS)
+    applied = apply_mods(unet, Settings.from_text("pag", strict=True), clock)
+    try:
+        assert torch.equal(unet(inputs["x"], inputs["timesteps"], context=inputs["context"]), plain)
+    finally:
+        applied.restore()
+    assert any("is unknown; no guidance on it" in m for m in applied.messages)
+    assert list(applied.idle_after_pass()) == ["pag"]
+
+
+def test_an_adaptive_scale_at_0_on_every_step_writes_no_key():
+    messages, calls = [], []
+    assert torch.equal(run("a1111", "sd15", "pag adaptive=1", messages=messages, calls=calls), run("a1111", "sd15", ""))
+    assert calls == [2] * STEPS and any("adaptive scale was 0 at every step of this pass; nothing to do" in m for m in messages)
 
 
 def test_bad_layers_and_values():
@@ -226,8 +232,8 @@ def test_with_scalecrafter_ndcfg_both_passes_run():
     def one(text, calls=None):
         clock = StepClock()
         clock.start(1)
-        clock.set_layout(1, 1)
         applied = apply_mods(unet, Settings.from_text(text, strict=True), clock, latent_shape=tuple(inputs["x"].shape))
+        announce(clock)
         handle = unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0])) if calls is not None else None
         try:
             with torch.no_grad():
@@ -266,26 +272,3 @@ def test_hires_pass_through_the_webui_stand_in(script_module):
     plain = processing.process_images(txt2img(unet, make_runner(script_module)[0], Settings(), **kw))
     hires_only = Settings.from_text("todo hr_factor=3 hires=true; pag scale=2", strict=True)
     assert not torch.equal(out.images[0], plain.images[0]) and hires_only == Settings.from_text(text, strict=True)
-
-
-def test_guidance_rows_give_the_formula_through_the_hosts_cfg():
-    """Two images, two cond rows each (AND prompts): A1111 (cond rows per image, then uncond rows),
-    Forge (uncond chunk first, cond chunks of all images), split (cond rows only, CFG weight known),
-    and cond-only at CFG 1: the host's CFG of the shifted rows is cfg + scale * mean_k (c_k - p_k)."""
-    c = torch.randn(2, 2, 3)  # image, cond k, value
-    u, p = torch.randn(2, 3), torch.randn(2, 2, 3)
-    w, s = torch.tensor([[4.0], [2.0]]).T[0], 3.0  # weights of the two conds
-    cfg = lambda cc, uu: uu + (w.view(1, 2, 1) * (cc - uu[:, None])).sum(1)  # noqa: E731
-    expected = cfg(c, u) + s * (c - p).mean(1)
-    a1111 = torch.cat([c.reshape(4, 3), u])
-    out = pag.guided_rows(a1111, p.reshape(4, 3), [0, 1, 2, 3], [4, 5], [0, 0, 1, 1], [0, 1], s)
-    torch.testing.assert_close(cfg(out[:4].view(2, 2, 3), out[4:]), expected)
-    forge_rows = torch.cat([u, c[:, 0], c[:, 1]])  # chunks: uncond, cond 0, cond 1
-    pf = torch.cat([p[:, 0], p[:, 1]])
-    out = pag.guided_rows(forge_rows, pf, [2, 3, 4, 5], [0, 1], [0, 1, 0, 1], [0, 1], s)
-    torch.testing.assert_close(cfg(torch.stack([out[2:4], out[4:6]], 1), out[:2]), expected)
-    split = pag.guided_rows(torch.cat([c[:, 0], c[:, 1]]), pf, [0, 1, 2, 3], [], [0, 1, 0, 1], [], s, cfg_weight=6.0)
-    mean_w = lambda cc, uu: uu + 6.0 * (cc.mean(1) - uu)  # noqa: E731 - Forge: conds averaged, then CFG
-    torch.testing.assert_close(mean_w(torch.stack([split[:2], split[2:]], 1), u), mean_w(c, u) + s * (c - p).mean(1))
-    one = pag.guided_rows(c[:, 0], p[:, 0], [0, 1], [], [0, 1], [], s)
-    torch.testing.assert_close(one, c[:, 0] + s * (c[:, 0] - p[:, 0]))

@@ -74,7 +74,7 @@ def test_sample_regex_matches_and_refuses_what_it_cannot_draw():
 def _freeu_case(**changes):
     case = soak_runner.draw_case(SEED, 0, ("sd15",), large=False)
     plain = dict(settings=Settings.from_text("freeu"), inject=None, hires=False, img2img=False, n_iter=1, steps=2,
-                 latent=(8, 8), batch_size=1)
+                 latent=(8, 8), batch_size=1, prompt_weights=None)
     return dataclasses.replace(case, **{**plain, **changes})
 
 

@@ -9,20 +9,21 @@ import torch
 import torch.nn.functional as F
 
 from lib_unetmods import Settings, SettingsError, StepClock, apply_mods
+from lib_unetmods.acts import PassInfo
 from lib_unetmods.composition import resolve_conflicts
 from lib_unetmods.lab.random_unets import example_inputs, sdpa_attention
 from lib_unetmods.preview import Image, compute
 from lib_unetmods.techniques import todo
 from lib_unetmods.unet_map import map_unet
 from lib_unetmods.lab.model_state import assert_restored, snapshot
-from tiny_unet_calls import call, rel, unet_of
+from tiny_unet_calls import announce, call, rel, unet_of
 
 
 def with_ours(unet, inputs, text, step=0, steps=1, hires=False):
     clock = StepClock()
     clock.start(steps, hires=hires)
     clock.begin_step(step)
-    clock.set_layout(inputs["x"].shape[0] // 2, inputs["x"].shape[0] - inputs["x"].shape[0] // 2)
+    announce(clock, inputs["x"].shape[0] // 2)
     with sdpa_attention():  # the host's attention kernel is chosen before the mods are applied
         applied = apply_mods(unet, Settings.from_text(text, strict=True), clock, seed=3)
         try:
@@ -41,10 +42,11 @@ def reference_resample(item, cur_w, cur_h, new_w, new_h, method):
     return item.reshape(b, new_h * new_w, -1)
 
 
-def with_a1111_extension(unet, inputs, factor=2.0, max_depth=1):
+def with_a1111_extension(unet, inputs, factor=2.0, max_depth=1, only=None):
     """feffy380/sd-webui-token-downsampling: a UNet pre-hook keeps the latent size, a pre-hook on every
     attn1 replaces its context by the hidden states downsampled with nearest-exact where
-    ceil(sqrt(HW // N)) <= 2**(max_depth - 1); grid H // downsample, new side int(side / factor)."""
+    ceil(sqrt(HW // N)) <= 2**(max_depth - 1); grid H // downsample, new side int(side / factor).
+    `only`: act at this downsampling alone (where another technique owns the others)."""
     size = {}
     handles = [unet.register_forward_pre_hook(lambda m, args: size.__setitem__("hw", tuple(args[0].shape[2:])))]
 
@@ -52,7 +54,7 @@ def with_a1111_extension(unet, inputs, factor=2.0, max_depth=1):
         x = args[0]
         h0, w0 = size["hw"]
         downsample = int(math.ceil(math.sqrt(h0 * w0 // x.shape[1])))
-        if downsample <= 2 ** (max_depth - 1):
+        if downsample <= 2 ** (max_depth - 1) and only in (None, downsample):
             h, w = h0 // downsample, w0 // downsample
             kwargs["context"] = reference_resample(x, w, h, int(w / factor), int(h / factor), "nearest-exact")
         return args, kwargs
@@ -266,11 +268,62 @@ def test_hypertile_tiles_first_and_todo_takes_the_calls_left_whole():
     alone, _ = with_ours(unet, small, "todo")
     assert applied.applied == ["todo", "hypertile"] and torch.equal(both, alone)
     assert any(m.startswith("ToDo + HyperTile") for m in applied.messages)
-    # 256x256 px: every full-resolution call is split in 2x2 tiles, each attending in full: HyperTile alone
+    # 256x256 px: every full-resolution call is split in 2x2 tiles, each attending in full: HyperTile
+    # alone, and ToDo changed nothing: no key, and it says why
     large = example_inputs(unet, batch=2, height=32, width=32)
-    both, _ = with_ours(unet, large, "todo; hypertile tile_size=128 swap_size=1 max_depth=0")
+    both, applied = with_ours(unet, large, "todo; hypertile tile_size=128 swap_size=1 max_depth=0")
     tiles, _ = with_ours(unet, large, "hypertile tile_size=128 swap_size=1 max_depth=0")
     assert torch.equal(both, tiles) and rel(both, with_ours(unet, large, "todo")[0]) > 1e-3
+    assert applied.idle_after_pass() == {"todo": "Token Downsampling (ToDo): every self-attention call it would downsample "
+                                                 "was cut into tiles or windows (HyperTile, MSW-MSA); nothing to do"}
+    assert with_ours(unet, large, "todo")[1].idle_after_pass() == {}
+
+
+def test_at_depth_2_todo_leaves_hypertiles_tiles_whole():
+    """ToDo at max_depth 2 would take a quarter tile for a layer at half resolution: the tiles
+    HyperTile cut at full resolution keep full attention, ToDo downsamples the half-resolution layers."""
+    unet = unet_of("sd15")
+    large = example_inputs(unet, batch=2, height=32, width=32)
+    hypertile = "hypertile tile_size=128 swap_size=1 max_depth=0"
+    both, applied = with_ours(unet, large, f"todo max_depth=2; {hypertile}")
+    clock = StepClock()
+    clock.start(1)
+    tiles = apply_mods(unet, Settings.from_text(hypertile, strict=True), clock, seed=3)
+    try:
+        with sdpa_attention():
+            expected = with_a1111_extension(unet, large, max_depth=2, only=2)
+    finally:
+        tiles.restore()
+    torch.testing.assert_close(both, expected, rtol=1e-5, atol=1e-5)
+    assert applied.idle_after_pass() == {} and rel(both, with_ours(unet, large, hypertile)[0]) > 1e-3
+
+
+@pytest.mark.parametrize("resizer", ["deepshrink block=3 end=1", "hidiffusion auto=false t1=1 msw_msa=false"])
+def test_the_depth_of_a_layer_follows_its_tokens_where_features_are_resized(resizer):
+    """Deep Shrink and RAU-Net run the deep blocks on smaller features: a layer is as deep as its
+    token count says (the references' rule), so ToDo at max_depth 2 leaves a shrunk half-resolution
+    layer whole and downsamples it again once it has its size back."""
+    unet = unet_of("sd15")
+    inputs = example_inputs(unet, batch=2, height=32, width=32)
+    both, _ = with_ours(unet, inputs, f"todo max_depth=2; {resizer}")
+    clock = StepClock()
+    clock.start(1)
+    resized = apply_mods(unet, Settings.from_text(resizer, strict=True), clock, seed=3, latent_shape=tuple(inputs["x"].shape))
+    try:
+        with sdpa_attention():
+            expected = with_a1111_extension(unet, inputs, max_depth=2)
+    finally:
+        resized.restore()
+    torch.testing.assert_close(both, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_idle_without_a_clock_counts_either_pass():
+    """Without a pass (the preview, the rules before sampling) ToDo acts if either pass's factor does."""
+    umap, where = map_unet(unet_of("sd15")), PassInfo()
+    values = {**todo.SPEC.defaults(), "enabled": True, "factor": 1.0, "hr_factor": 3.0}
+    assert todo.idle(values, umap, where) is None
+    assert todo.idle({**values, "hr_factor": 1.0}, umap, where) == "factor 1 downsamples nothing"
+    assert todo.idle({**values, "factor": 2.0, "end": 0.0}, umap, where) is None  # the window needs the pass's steps
 
 
 def test_msw_msa_yields_to_todo():

@@ -9,7 +9,7 @@ from lib_unetmods.lab.hosts import use_webui_standin
 use_webui_standin()
 
 from modules import processing, script_callbacks, scripts  # noqa: E402
-from modules.shared import opts, state  # noqa: E402
+from modules.shared import LAYOUT_DEFAULTS, opts, state  # noqa: E402
 from sd_model import FakeSDModel  # noqa: E402
 
 import webui  # noqa: E402
@@ -37,6 +37,7 @@ def clean_state():
     ui._pasted.clear()  # a paste of another test is not this test's generation's
     state.interrupted = state.skipped = False
     opts.token_merging_ratio = opts.token_merging_ratio_hr = 0.0
+    vars(opts).update(LAYOUT_DEFAULTS)
     yield
     state.interrupted = state.skipped = False
 

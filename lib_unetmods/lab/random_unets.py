@@ -41,15 +41,16 @@ def context_dim(arch: str, size: str = "full") -> int:
     return (_FULL if size == "full" else _TINY)[arch]["context_dim"]
 
 
-def build_unet(arch: str = "sd15", size: str = "full", seed: int = 0) -> nn.Module:
+def build_unet(arch: str = "sd15", size: str = "full", seed: int = 0, in_channels: int = 4) -> nn.Module:
     """An ldm UNetModel of the given architecture ("sd15", "sd21", "sdxl"), size "full" (the
-    real config) or "tiny" (32 model channels, same block layout), with random weights."""
+    real config) or "tiny" (32 model channels, same block layout), with random weights;
+    `in_channels` 8 for an edit model (instruct-pix2pix: the image latent concatenated to x)."""
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     config = dict((_FULL if size == "full" else _TINY)[arch])
-    unet = UNetModel(image_size=32, in_channels=4, out_channels=4, num_res_blocks=2, use_spatial_transformer=True,
+    unet = UNetModel(image_size=32, in_channels=in_channels, out_channels=4, num_res_blocks=2, use_spatial_transformer=True,
                      transformer_depth=1, use_checkpoint=False, legacy=False, **config)
     if arch == "sdxl":
         make_sdxl_shaped(unet, SDXL_DEPTH[size], ADM_CHANNELS)

@@ -1,12 +1,14 @@
 """A small Euler sampler with classifier-free guidance that drives the step clock as the WebUI
-does: cond rows first, then uncond rows, in one UNet batch; the clock advances once per step.
-Epsilon- or v-predicting UNets; txt2img from noise or img2img from a latent (hires fix)."""
+does: cond rows first, then uncond rows, in one UNet batch, announced as A1111 announces them; the
+clock advances once per step. Epsilon- or v-predicting UNets; txt2img from noise or img2img from a
+latent (hires fix)."""
 from __future__ import annotations
 
 
 import torch
 import torch.nn as nn
 
+from ..a1111_call import evaluation
 from ..clock import StepClock
 from ..schedules import TRAIN_SIGMAS, sigma_to_t
 
@@ -31,10 +33,10 @@ def euler_sample(unet: nn.Module, noise: torch.Tensor, cond: torch.Tensor, uncon
     batch = noise.shape[0]
     context = torch.cat([cond, uncond])
     y_in = None if y is None else torch.cat([y, y if y_uncond is None else y_uncond])
-    clock.set_layout(batch, batch)
     for i in range(first, steps):
         sigma = float(sigmas[i])
         clock.begin_step(i - first, sigma)
+        clock.evaluate(evaluation([[1.0]] * batch, cfg_scale, x))
         c_in = 1 / (sigma ** 2 + 1) ** 0.5
         t = torch.full((2 * batch,), sigma_to_t(sigma), device=noise.device)
         x_in = torch.cat([x, x]) * c_in
@@ -46,3 +48,11 @@ def euler_sample(unet: nn.Module, noise: torch.Tensor, cond: torch.Tensor, uncon
         x = x + eps * (float(sigmas[i + 1]) - sigma)
     clock.end_step()
     return x
+
+
+def karras_sigmas(steps: int, rho: float = 7.0) -> torch.Tensor:
+    """k-diffusion's Karras schedule between SD's smallest and largest training sigma, then 0: the
+    sigmas' 1/rho-th powers spaced evenly."""
+    lo, hi = float(TRAIN_SIGMAS[0]) ** (1 / rho), float(TRAIN_SIGMAS[-1]) ** (1 / rho)
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    return torch.cat([(hi + ramp * (lo - hi)) ** rho, torch.zeros(1, dtype=torch.float64)]).float()

@@ -7,8 +7,9 @@ of values: a random subset of techniques, each parameter left at its default / r
 value or drawn inside its declared range, often exactly at an edge. Around that: odd latent
 sides, batch sizes 1-3, batch count 1-2, hires on/off, img2img, a second-order sampler, Forge's
 double hires call, settings from the UI, the API dict or XYZ cells, ldm or SDPA attention, a
-VAE decoder, the WebUI's own token merging, model switches, and interrupts, skips and
-exceptions injected inside the UNet mid-sampling.
+VAE decoder, the WebUI's own token merging, A1111's call layouts (batch cond/uncond off, AND
+parts per image, a longer negative prompt, NGMS dropping uncond rows), model switches, and
+interrupts, skips and exceptions injected inside the UNet mid-sampling.
 
 Case `i` of seed `S` is drawn from its own RNG, so `--seed S --start i --runs 1` replays it
 (with freshly built models). Used by `python -m lib_unetmods.soak` and tests/test_soak.py.
@@ -213,6 +214,11 @@ class Case:
     sdpa: bool  # the WebUI's default attention (torch SDPA) instead of ldm's own
     vae: bool  # the model has a (tiny, real ldm) VAE decoder and decodes with it
     inject: tuple[str, int, str] | None  # (interrupt | skip | raise, at UNet call n, in module)
+    # A1111's call layouts: batch cond/uncond, each image's AND weights, the negative prompt's length, NGMS
+    batch_cond_uncond: bool = True
+    prompt_weights: list[list[float]] | None = None
+    uncond_tokens: int = 7
+    s_min_uncond: float = 0.0
 
     def describe(self) -> str:
         h, w = self.latent
@@ -232,6 +238,14 @@ class Case:
             parts.append(f"webui token merging {self.webui_tome}")
         if self.inject:
             parts.append(f"{self.inject[0]} at UNet call {self.inject[1]} in {self.inject[2] or 'the UNet'}")
+        if not self.batch_cond_uncond:
+            parts.append("batch cond/uncond off")
+        if self.prompt_weights:
+            parts.append(f"AND weights {self.prompt_weights}")
+        if self.uncond_tokens != 7:
+            parts.append(f"negative prompt of {self.uncond_tokens} tokens")
+        if self.s_min_uncond:
+            parts.append(f"NGMS {self.s_min_uncond:g}")
         parts.append(f"{self.route}: {self.settings.to_text() or '(all off)'}")
         return ", ".join(parts)
 
@@ -270,6 +284,12 @@ def draw_case(seed: int, index: int, archs: tuple[str, ...] = ARCHS, large: bool
     if large and arch in LARGE_SIZES and rng.random() < 0.03:
         case.latent, case.sdpa, case.hires, case.second_order = LARGE_SIZES[arch], True, False, False
         case.batch_size, case.n_iter, case.steps, case.vae = 1, 1, 2, False
+    # the call layout, drawn last so that every case keeps the rest of what it drew before
+    case.batch_cond_uncond = rng.random() >= 0.3
+    if rng.random() < 0.3:
+        case.prompt_weights = [[rng.choice((1.0, 0.5, 1.3)) for _ in range(rng.randint(1, 3))] for _ in range(case.batch_size)]
+    case.uncond_tokens = 14 if rng.random() < 0.2 else 7
+    case.s_min_uncond = 100.0 if rng.random() < 0.1 else 0.0
     return case
 
 
@@ -347,7 +367,7 @@ class Soak:
             handle = _inject(unet, case.inject)
             saved = dict(vars(opts))
             opts.img2img_fix_steps, opts.token_merging_ratio = case.fix_steps, case.webui_tome
-            opts.token_merging_ratio_hr = case.webui_tome
+            opts.token_merging_ratio_hr, opts.batch_cond_uncond = case.webui_tome, case.batch_cond_uncond
             state.interrupted = state.skipped = False
             processed = None
             try:
@@ -395,7 +415,8 @@ class Soak:
             args = [None, *case.settings.to_args()]
         h, w = case.latent
         common = dict(steps=case.steps, batch_size=case.batch_size, n_iter=case.n_iter, width=w * 8, height=h * 8,
-                      seed=case.seed * 1000 + case.index, second_order=case.second_order)
+                      seed=case.seed * 1000 + case.index, second_order=case.second_order, prompt_weights=case.prompt_weights,
+                      uncond_tokens=case.uncond_tokens, s_min_uncond=case.s_min_uncond)
         if case.img2img:
             init = torch.randn(1, 4, h, w, generator=torch.Generator().manual_seed(case.index))
             p = processing.StableDiffusionProcessingImg2Img(model, runner, args, init_latent=init,

@@ -11,9 +11,13 @@ to be restored but the hook handles, and the Lora extension's weight backups nev
   A denoiser computes x0 = c_skip*x + c_out*F from the UNet output F, so shifting x0 by s means
   adding s / c_out to F: s/(-sigma) for eps-prediction, s*sqrt(sigma^2+1)/(-sigma) for v.
 * The colour map pushes the noisy input of the first steps, cond rows one way and uncond rows
-  the other (cfg_denoiser params.x in the reference). The reference's denoiser then sees the
-  pushed x' both inside the UNet and in x0 = c_skip*x' + c_out*F; the host here keeps its own x,
-  so the UNet input gets c_in*(x'-x) and F gets c_skip*(x'-x)/c_out.
+  the other (cfg_denoiser params.x in the reference: every row A1111 stacks for the evaluation,
+  its last batch-size rows, the uncond ones, up, the others down, by the mean over all of them).
+  The row description (rows.py) gives each call's rows and every stacked row's image, so a call
+  with some of the rows (batch cond/uncond off, an extra pass) gets exactly their part of the push.
+  The reference's denoiser then sees the pushed x' both inside the UNet and in x0 = c_skip*x' +
+  c_out*F; the host here keeps its own x, so the UNet input gets c_in*(x'-x) and F gets
+  c_skip*(x'-x)/c_out.
 * Saturation 1 / 2 scale VAE decoder conv weights (A2.5): forward hooks on those convs,
   conv(x, f*W, b) = f*(conv(x, W, b) - b) + b, removed when the host restores after decoding.
 
@@ -37,7 +41,7 @@ import torch
 import torch.nn as nn
 
 from ..families import is_sdxl
-from ..forward import batch_rows
+from ..rows import UNCOND, CallRows
 from ..params import Param, TechniqueSpec, auto_values_param
 from ..schedules import TRAIN_SIGMAS
 
@@ -241,18 +245,17 @@ def push_is_sane(first_scale: float, pushed: torch.Tensor) -> bool:
     return math.isfinite(scale) and scale <= GROWTH_LIMIT * first_scale
 
 
-def colour_map_push(x: torch.Tensor, cond_rows: int, boxes: Sequence[tuple[slice, slice]], vectors: Sequence[Sequence[float]],
+def colour_map_push(x: torch.Tensor, up: Sequence[bool], boxes: Sequence[tuple[slice, slice]], vectors: Sequence[Sequence[float]],
                     ratios: Sequence[float]) -> torch.Tensor:
-    """Push x = [cond rows; uncond rows] region by region on channels 1..3: both halves are
-    blended by (1 - ratio) and moved by 6 * mean|x[:, ch]| * ratio * vector, cond rows down,
-    uncond rows up (CFG then moves the result along -vector, i.e. towards the colour)."""
+    """Push the stacked rows x region by region on channels 1..3: every row is blended by
+    (1 - ratio) and moved by 6 * mean|x[:, ch]| * ratio * vector, the uncond rows (`up`) up, the
+    others down (CFG then moves the result along -vector, i.e. towards the colour)."""
     x = x.clone()
+    sign = torch.tensor([1.0 if u else -1.0 for u in up], dtype=x.dtype, device=x.device).view(-1, 1, 1)
     for (rows, cols), vector, ratio in zip(boxes, vectors, ratios):
         for ch in (1, 2, 3):
             push = vector[ch - 1] * 6 * x[:, ch].abs().mean() * ratio
-            cond, uncond = x[:cond_rows, ch, rows, cols], x[cond_rows:, ch, rows, cols]
-            x[:cond_rows, ch, rows, cols] = (1 - ratio) * cond - push
-            x[cond_rows:, ch, rows, cols] = (1 - ratio) * uncond + push
+            x[:, ch, rows, cols] = (1 - ratio) * x[:, ch, rows, cols] + sign * push
     return x
 
 
@@ -353,7 +356,7 @@ def _hook_unet_call(ctx: Any, values: dict[str, Any], shift: list[float] | None,
     hooks = _UNetCallHooks(ctx, values, shift, colour_map)
     if colour_map is not None:
         ctx.patcher.add_handle(ctx.unet.register_forward_pre_hook(hooks.before, with_kwargs=True), ctx.technique)
-    ctx.patcher.add_handle(ctx.unet.register_forward_hook(hooks.after, with_kwargs=True), ctx.technique)
+    ctx.patcher.add_handle(ctx.unet.register_forward_hook(hooks.after, with_kwargs=True, always_call=True), ctx.technique)
 
 
 class _UNetCallHooks:
@@ -364,15 +367,11 @@ class _UNetCallHooks:
                  colour_map: tuple[list[list[float]], Cells] | None) -> None:
         self.ctx, self.values, self.shift, self.colour_map = ctx, values, shift, colour_map
         self.clock, self.prediction = ctx.clock, ctx.prediction
-        self.correction: torch.Tensor | None = None  # the current call's output correction for its push
+        self.corrections: list[torch.Tensor | None] = []  # each call under way (an extra pass runs inside one)
+        self.pushed: tuple[Any, torch.Tensor] | None = None  # (evaluation, change of each stacked row)
         self.first_scale: float | None = None  # the latent's scale at the first push of this pass
         self.stopped = False
-        self.warned: set[str] = set()
-
-    def warn_once(self, message: str) -> None:
-        if message not in self.warned:
-            self.warned.add(message)
-            self.ctx.warn(message)
+        self.warn_once = ctx.warner()
 
     def sigmas(self, x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor | None:
         if t is None or not torch.is_tensor(t) or t.numel() not in (1, x.shape[0]):
@@ -382,13 +381,14 @@ class _UNetCallHooks:
 
     def before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Pre-hook: the colour map's push of this step, into the call's x."""
-        self.correction = None
+        self.corrections.append(None)
         if self.colour_map is None or self.clock.step >= self.values["cm_stop"] or self.stopped:
             return None
         x, t = _call_inputs(args, kwargs)
-        rows = batch_rows(kwargs, self.clock, x.shape[0])
-        if rows is None:  # one chunk alone (Forge's split calls) is fine: cond and uncond rows share x
-            self.warn_once("the batch layout (cond rows, uncond rows) is unknown; colour map skipped")
+        host = self.ctx.calls.current
+        rows = host.rows if host is not None else None
+        if rows is None:
+            self.warn_once("which rows of a UNet call are cond and which uncond is unknown; colour map skipped on it")
             return None
         sigma = self.sigmas(x, t)
         if sigma is None:
@@ -397,36 +397,49 @@ class _UNetCallHooks:
         if delta is None:
             return None
         c_skip, c_out, c_in = denoiser_scalings(sigma, self.prediction)
-        self.correction = c_skip * delta / c_out
+        self.corrections[-1] = c_skip * delta / c_out
         x = x.clone()
         x[:, :4] += (delta * c_in).to(x.dtype)
         return ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "x": x})
 
-    def _push(self, x: torch.Tensor, sigma: torch.Tensor, rows: tuple[list[int], list[int]]) -> torch.Tensor | None:
-        """The change the colour map makes to the sampler's latent (None once it stopped)."""
+    def _push(self, x: torch.Tensor, sigma: torch.Tensor, rows: CallRows) -> torch.Tensor | None:
+        """The change the colour map makes to the call's rows of the sampler's latent (None once it
+        stopped): its part of the push of every row the host stacked for the evaluation."""
+        noisy = x[:, :4].double() / denoiser_scalings(sigma, self.prediction)[2]  # an inpainting UNet's extra channels follow
+        evaluation = rows.evaluation
+        if evaluation is None or evaluation.latents is None:  # Forge's chunks alone: every stacked row is in this call
+            return self._change(noisy, [r.kind == UNCOND for r in rows.rows])
+        if evaluation.latents.shape[-2:] != noisy.shape[-2:]:  # a cropped input (Forge's area prompts)
+            self.warn_once("a UNet call on part of the latent (an area prompt); colour map skipped on it")
+            return None
+        if self.pushed is None or self.pushed[0] is not evaluation:
+            latents = evaluation.latents[:, :4].to(noisy)
+            change = self._change(latents[[r.image for r in evaluation.rows]], [r.kind == UNCOND for r in evaluation.rows])
+            self.pushed = (evaluation, change)
+        change = self.pushed[1]
+        return None if change is None else change[list(rows.positions)]
+
+    def _change(self, stacked: torch.Tensor, up: list[bool]) -> torch.Tensor | None:
         clock, values = self.clock, self.values
-        c_in = denoiser_scalings(sigma, self.prediction)[2]
         vectors, cells = self.colour_map
-        order = rows[0] + rows[1]  # cond rows first, as colour_map_push expects
-        boxes = region_boxes(x.shape[-2], x.shape[-1], cells, values["cm_mode"])
+        boxes = region_boxes(stacked.shape[-2], stacked.shape[-1], cells, values["cm_mode"])
         ratios = [colour_map_ratio(v, clock.step, values["cm_strength"], values["cm_stop"], clock.hires) for v in vectors]
-        noisy = x[:, :4].double() / c_in  # the sampler's latent (an inpainting UNet's extra channels follow)
-        pushed = colour_map_push(noisy[order], len(rows[0]), boxes, vectors, ratios)
+        pushed = colour_map_push(stacked, up, boxes, vectors, ratios)
         if self.first_scale is None:
-            self.first_scale = noisy.abs().amax().item()
+            self.first_scale = stacked.abs().amax().item()
         if not push_is_sane(self.first_scale, pushed):
             self.stopped = True
             self.warn_once(f"colour map stopped at step {clock.step + 1}: with these colours, strength and "
                            f"{values['cm_stop']} steps the latent grew past {GROWTH_LIMIT:g}x (the reference would end "
                            "in a black or NaN image); lower the colours, the colour map strength or its steps")
             return None
-        delta = torch.zeros_like(noisy)
-        delta[order] = pushed - noisy[order]
-        return delta
+        return pushed - stacked
 
-    def after(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor) -> torch.Tensor | None:
+    def after(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: torch.Tensor | None) -> torch.Tensor | None:
         """Forward hook: the push's correction and, at its step, the latent shift."""
-        correction, self.correction = self.correction, None
+        correction = self.corrections.pop() if self.corrections else None
+        if out is None:  # the forward raised
+            return None
         shift = self._shift(out, args, kwargs)
         if shift is not None:
             correction = shift if correction is None else correction + shift

@@ -188,8 +188,7 @@ class DeepCacheState:
         if self.control or call.control:
             self.control_calls += not self.step_full
             self.step_full = True
-        rows = call.rows()
-        key = (index, call.extra, tuple(call.x.shape), None if rows is None else tuple(map(tuple, rows)))
+        key = (index, call.extra, tuple(call.x.shape), None if call.rows is None else call.rows.key)
         cached = self.entries.get(key)
         if cached is None:
             self.step_full = True  # the rest of this step runs in full as well

@@ -9,7 +9,12 @@ Each host keeps its own Upsample: on A1111 ldm's plain x2, after which h is resi
 Upsample goes straight to the next skip's shape, as Forge's built-in Kohya HRFix and ComfyUI do,
 so Forge gives its built-in's image in every setting. The two agree where the full-size skip is
 met at a concat (the defaults) and differ slightly where an Upsample leaves a shrunk size
-(downscale after skip off, factors other than 2)."""
+(downscale after skip off, factors other than 2).
+
+Each host keeps its anchor's window too: on A1111 the step window int(start * N) <= step <
+int(end * N) (wcde's and kohya's A1111 extensions count steps); on Forge the built-in's sigma
+window, percent_to_sigma(end) <= the call's sigma <= percent_to_sigma(start), which at 4 steps or
+with Karras sigmas takes steps the step window leaves out."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,8 +23,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..clock import covers_no_step
+from ..forge_call import call_sigma
 from ..forward import Refused
 from ..params import Param, TechniqueSpec, auto_values_param, first_pass_or_hires_box
+from ..schedules import percent_to_sigma
 
 METHODS = ("bicubic", "bilinear", "nearest-exact", "nearest", "area", "bislerp")
 
@@ -162,8 +170,16 @@ def window_steps(window: Window, clock: Any) -> range:
     return range(clock.step_of(window.start), min(end, clock.total_steps))
 
 
-def active_window(windows: list[Window], clock: Any) -> Window | None:
-    """The first window whose steps contain the current step (the first wins where they overlap)."""
+def in_sigma_window(window: Window, sigma: float) -> bool:
+    """Forge's built-in's rule (ComfyUI's PatchModelAddDownscale) for a call at this sigma."""
+    return percent_to_sigma(window.end) <= sigma <= percent_to_sigma(window.start)
+
+
+def active_window(windows: list[Window], clock: Any, sigma: float | None = None) -> Window | None:
+    """The first window (the first wins where they overlap) whose steps contain the current step,
+    or, given the call's sigma (Forge), whose sigmas contain it."""
+    if sigma is not None:
+        return next((w for w in windows if in_sigma_window(w, sigma)), None)
     return next((w for w in windows if clock.in_window(w.start, w.end)), None)
 
 
@@ -189,15 +205,16 @@ def check_blocks(windows: list[Window], umap: Any) -> None:
 
 
 def idle(values: dict[str, Any], umap: Any, where: Any) -> str | None:
-    """Nothing to do at factor 1 or when no window covers a step; Refused for a missing block."""
+    """Nothing to do at factor 1 or when no window covers a step (on Forge: an empty sigma window;
+    which steps it covers shows only while sampling); Refused for a missing block."""
     windows = windows_of(values)
     if umap is not None:
         check_blocks(windows, umap)
     if values["factor"] == 1:
         return "a downscale factor of 1 keeps every size"
-    if where.clock is not None and not any(window_steps(w, where.clock) for w in windows):
-        return f"the window covers no step of this {where.clock.total_steps}-step pass"
-    return None
+    if umap is not None and umap.host == "forge":
+        return "the window ends where it starts" if all(w.end <= w.start for w in windows) else None
+    return covers_no_step(where.clock, lambda clock: any(window_steps(w, clock) for w in windows), "the window")
 
 
 def apply(ctx: Any, values: dict[str, Any]) -> None:
@@ -207,14 +224,21 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
     check_blocks(windows, ctx.map)
     clock = ctx.clock
     down, up = values["downscale_method"], values["upscale_method"]
+    forge = ctx.map.host == "forge"
+    blocks = sorted({w.block for w in windows})
+    shrunk = [0, 0]  # calls that reached the first block, calls shrunk
 
     def shrink(i: int, h: torch.Tensor, call: Any) -> torch.Tensor:
-        window = active_window(windows, clock)
+        if i not in blocks:
+            return h
+        shrunk[0] += i == blocks[0]
+        window = active_window(windows, clock, call_sigma(call.kwargs) if forge else None)
         if window is None or i != window.block:
             return h
         size = shrunk_size(h.shape, step_factor(values, window, clock))
         if size == tuple(h.shape[-2:]):
             return h
+        shrunk[1] += STATE_KEY not in call.state
         call.state[STATE_KEY] = size
         return resize(h, size, down)
 
@@ -225,3 +249,5 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
 
     ctx.hook("after_skip" if values["after_skip"] else "after_input", shrink)
     ctx.hook("to_skip", match_skip)
+    ctx.idle_after(lambda: "it shrank no UNet call of this pass (no call in its window, or the factor keeps this "
+                           "latent's sizes)" if shrunk[0] and not shrunk[1] else None)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..clock import covers_no_step
 from ..params import Param, TechniqueSpec, auto_values_param, first_pass_or_hires_box
 
 STAGES = (1, 2, 3)  # stage n acts where h has model_channels * 2**(3-n) channels
@@ -165,21 +166,21 @@ NEUTRAL = {f"{k}{n}": 1.0 for n in STAGES for k in ("b", "s", "high")}  # every 
 def idle(values: dict[str, Any], umap: Any, where: Any) -> str | None:
     if all(values[k] == v for k, v in NEUTRAL.items()):
         return "every backbone, skip and high-end scale is 1"
-    clock = where.clock
-    if clock is not None:
-        window = pass_window(values, clock.hires)
-        probe = type(clock)()
-        probe.start(clock.total_steps, clock.hires)
-        if not any(_ratio_at(values, window, probe, step) > 0 for step in range(clock.total_steps)):
-            return f"its window covers no step of this {clock.total_steps}-step pass"
+    window = covers_no_step(where.clock, lambda clock: any(_ratio_at(values, clock, step) > 0 for step in range(clock.total_steps)),
+                            "its window")
+    if window is not None:
+        return window
     if umap is not None and not any(stage_of(c, umap.model_channels) for c in umap.h_channels):
         return "no decoder join has 4x, 2x or 1x the model channels"
     return None
 
 
-def _ratio_at(values: dict[str, Any], window: tuple[float, float], clock: Any, step: int) -> float:
-    clock.begin_step(step)
-    return step_ratio(values, window, clock)
+def _ratio_at(values: dict[str, Any], clock: Any, step: int) -> float:
+    """FreeU's ratio at a step of the pass (on a probe clock: the pass's own stays where it is)."""
+    probe = type(clock)()
+    probe.start(clock.total_steps, clock.hires)
+    probe.begin_step(step)
+    return step_ratio(values, pass_window(values, clock.hires), probe)
 
 
 def freeu_join(h: torch.Tensor, skip: torch.Tensor, values: dict[str, Any], stage: int, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:

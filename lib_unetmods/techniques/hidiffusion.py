@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..clock import covers_no_step
 from ..families import SD1, SD2, SDXL, ByFamily, layout, native_side
 from ..forward import Refused, UNetCall
 from ..params import Param, TechniqueSpec, first_pass_or_hires_box
@@ -174,20 +175,18 @@ def rau_idle(values: dict[str, Any], umap: Any, where: Any) -> str | None:
         return None
     family = umap.family if umap is not None else where.family
     sched = pass_schedule(family, values, where.hw, where.clock.total_steps, umap.unet if umap is not None else None)
-    if any(end > start for start, end in (sched.rad, sched.pool)):
-        return None
+    covered = any(end > start for start, end in (sched.rad, sched.pool))
     h, w = where.hw
-    if values["auto"] and not values["custom_windows"] and h * w <= native_side(family) ** 2:
+    if not covered and values["auto"] and not values["custom_windows"] and h * w <= native_side(family) ** 2:
         return f"RAU-Net is not needed at {w * 8}x{h * 8} (at or below the native size)"
-    return f"RAU-Net's windows cover no step of this {where.clock.total_steps}-step pass"
+    return covers_no_step(where.clock, lambda clock: covered, "RAU-Net's windows")
 
 
 def msw_idle(values: dict[str, Any], umap: Any, where: Any) -> str | None:
     if not values["msw_msa"]:
         return "MSW-MSA is off"
-    if where.clock is not None and not where.clock.window_steps(values["msw_start"], values["msw_end"]):
-        return f"MSW-MSA's window covers no step of this {where.clock.total_steps}-step pass"
-    return None
+    return covers_no_step(where.clock, lambda clock: clock.window_steps(values["msw_start"], values["msw_end"]),
+                          "MSW-MSA's window")
 
 
 def idle(values: dict[str, Any], umap: Any, where: Any) -> str | None:

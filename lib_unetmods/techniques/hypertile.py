@@ -24,7 +24,7 @@ import torch.nn as nn
 from ..params import Param, TechniqueSpec
 from ..families import SD1, SD2, layout
 from ..patcher import current_forward
-from ..unet_map import AttentionLayer, UNetMap
+from ..unet_map import AttentionLayer, UNetMap, plain_self_attention
 
 MIN_TILE_PX = 128  # the built-in's floor on the tile size (tfernd: 32)
 MAX_LEVELS = 8  # downsampling levels searched when matching a token count to the latent
@@ -195,7 +195,7 @@ class _LatentSize:
 def _tiled_forward(original: Callable[..., torch.Tensor], depth: int, size: _LatentSize, values: dict[str, Any],
                    rng: random.Random) -> Callable[..., torch.Tensor]:
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        cross = any(a is not None for a in args) or any(kwargs.get(k) is not None for k in ("context", "value", "mask"))
+        cross = not plain_self_attention(args, kwargs)
         if cross:  # self-attention given a context: another extension's patch (Forge's attn1_patch) owns it
             size.yielded += 1
         grid = None if size.hw is None or x.ndim != 3 or cross else layer_grid(x.shape[1], *size.hw)

@@ -21,14 +21,15 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..families import PIXELS_PER_LATENT, ByFamily, is_sdxl, native_side as native_latent_side
-from ..forward import Refused, fresh_containers, select_rows
+from ..forward import Refused
+from ..rows import IMAGE, UNCOND, CallRows, ResultShift
 from ..params import Param, TechniqueSpec, first_pass_or_hires_box
 from .scalecrafter_disperse import dispersion_matrix
 
@@ -332,19 +333,6 @@ def redilate(conv: nn.Conv2d, x: torch.Tensor, s: float, r: torch.Tensor | None 
 
 # --- noise-damped CFG -----------------------------------------------------------------------
 
-def ndcfg_rows(out: torch.Tensor, uncond_mild: torch.Tensor, cond: Sequence[int], uncond: Sequence[int]) -> torch.Tensor:
-    """Rows for which the host's CFG, uncond + sum_k w_k (cond_k - uncond), yields
-    uncond_mild + sum_k w_k (cond_k - uncond_main) (reference text2image.py, step 3).
-    `cond` / `uncond`: the row indices of each kind (A1111: cond rows first; Forge: uncond chunk
-    first), `len(cond) // len(uncond)` cond rows per image, in image order; no cond rows: the
-    uncond rows alone (Forge's split calls, the cond call gets the shift)."""
-    shift = (uncond_mild - out[uncond]).repeat_interleave(len(cond) // len(uncond), dim=0)
-    result = out.clone()
-    result[cond] = out[cond] + shift
-    result[uncond] = uncond_mild
-    return result
-
-
 # --- wiring ----------------------------------------------------------------------------------
 
 class Runtime:
@@ -356,10 +344,9 @@ class Runtime:
         self.plans: dict[tuple[int, int], Plan] = {}
         self.size: tuple[int, int] | None = None
         self.ndcfg_pass = False
-        self.pending: tuple[tuple[int, int], torch.Tensor] | None = None  # (pass, step), uncond_mild - uncond
-        self.inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        self.shift = ResultShift()  # uncond_mild - uncond_main of each image, still to place
         self._factors: dict[tuple[Any, ...], dict[str, tuple[float, bool]]] = {}
-        self.warned: set[str] = set()
+        self.warn_once = ctx.warner()
 
     def plan(self, size: tuple[int, int]) -> Plan:
         if size not in self.plans:
@@ -380,7 +367,6 @@ class Runtime:
             return
         x = args[0] if args else kwargs["x"]
         self.size = tuple(x.shape[-2:])  # type: ignore[assignment]
-        self.inputs = (args, fresh_containers(kwargs))  # Forge's forward pops its control lists
 
     def conv_forward(self, name: str, conv: nn.Conv2d) -> Any:
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -392,48 +378,41 @@ class Runtime:
         return forward
 
     def ndcfg_end(self, out: torch.Tensor, call: Any) -> torch.Tensor:
+        """uncond_mild + sum_k w_k (cond_k - uncond_main) through the host's own CFG (reference
+        text2image.py, step 3): the change uncond_mild - uncond_main of each image's result goes
+        into the image's rows (rows.ResultShift); in one call with its cond rows, the uncond row
+        becomes uncond_mild and the cond rows move with it."""
         plan = self.plan(self.size) if self.size else None
         clock = self.ctx.clock
         if self.ndcfg_pass or call.extra or plan is None or not ndcfg_active(plan, clock.step, clock.total_steps):
             return out
-        rows, batch = call.rows(), out.shape[0]
-        if rows is None or (rows[0] and rows[1] and len(rows[0]) % len(rows[1])):
-            return self._plain_cfg(f"{'an unknown layout' if rows is None else f'{len(rows[0])} cond, {len(rows[1])} uncond'} "
-                                   f"of {batch} rows", out)
-        cond, uncond = rows
-        step = (clock.passes, clock.step)
-        if not uncond:  # Forge's split calls: the uncond call of this step ran first and left its shift
-            pending, self.pending = self.pending, None
-            if pending is None or pending[0] != step or len(cond) % len(pending[1]):
-                return self._plain_cfg(f"{len(cond)} cond rows without the uncond call of the step", out)
-            result = out.clone()
-            result[cond] = out[cond] + pending[1].repeat_interleave(len(cond) // len(pending[1]), dim=0)
-            return result
-        args, kwargs = self.inputs
-        index = torch.tensor(uncond, device=out.device)
-        kwargs = select_rows(kwargs, index, batch)
-        options = kwargs.get("transformer_options")
-        if isinstance(options, dict) and "uncond_indices" in options:  # Forge: describe the uncond-only batch
-            kwargs["transformer_options"] = {**options, "cond_or_uncond": [1], "cond_indices": [],
-                                             "uncond_indices": list(range(len(uncond)))}
+        rows = call.rows
+        if rows is None or not rows.coefficients_known:
+            return self._plain_cfg("the rows of this call are unknown", out)
+        if any(r.kind == IMAGE for r in rows.evaluation.rows):
+            return self._plain_cfg("an edit model guides with image rows too", out)
+        if not self.shift.begin(rows):
+            self._plain_cfg("the host's guidance gave no weight to an image's uncond row", out)
+        uncond = rows.of(UNCOND)
+        if uncond:
+            mild = self.mild_pass(rows, uncond)
+            for j, i in enumerate(uncond):
+                self.shift.add(rows.rows[i].image, mild[j] - out[i])
+        shift = self.shift.place(rows, out)
+        return out if shift is None else out + shift
+
+    def mild_pass(self, rows: CallRows, uncond: list[int]) -> torch.Tensor:
+        """The whole UNet again, with every other technique, on the uncond rows only, with NDCFG's
+        milder dilation (not a sampler call)."""
         self.ndcfg_pass = True
-        try:  # the whole UNet again, with every other technique, on the uncond rows only (not a sampler call)
-            with self.ctx.forward_hooks().extra_pass(SPEC.id):
-                uncond_mild = self.ctx.unet(*select_rows(args, index, batch), **kwargs)
+        try:
+            return self.ctx.calls.rerun(self.ctx.unet, SPEC.id, rows, uncond)
         finally:
             self.ndcfg_pass = False
-        if not cond:
-            self.pending = (step, uncond_mild - out[uncond])
-        return ndcfg_rows(out, uncond_mild, cond, uncond)
 
-    def _plain_cfg(self, layout: str, out: torch.Tensor) -> torch.Tensor:
-        self._warn_once("layout", f"NDCFG needs the cond and uncond rows of each image (got {layout}); plain CFG on this call")
+    def _plain_cfg(self, why: str, out: torch.Tensor) -> torch.Tensor:
+        self.warn_once(f"NDCFG needs the cond and uncond rows of each image ({why}); plain CFG there")
         return out
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self.warned:  # shown with the run's other messages (ctx.warn names the current technique)
-            self.warned.add(key)
-            self.ctx.messages.append(f"{SPEC.title}: {message}")
 
 
 def conv_names(umap: Any) -> dict[str, str]:

@@ -29,9 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..clock import covers_no_step
 from ..families import ByFamily, is_sdxl
 from ..params import Param, TechniqueSpec, first_pass_or_hires_box
 from ..patcher import current_forward
+from ..unet_map import plain_self_attention
 from .hypertile import layer_grid
 
 AUTO_MAX_DEPTH = ByFamily({"sd1": 1, "sd2": 1, "sdxl": 2, "sdxl_refiner": 2})  # SDXL has no attention at full resolution
@@ -116,13 +118,23 @@ def downsample_tokens(x: torch.Tensor, h: int, w: int, size: tuple[int, int], me
 # --- wiring ------------------------------------------------------------------------------
 
 class _CallState:
-    """Latent size and batch of the current UNet call, and whether this step is in the window."""
+    """Latent size and batch of the current UNet call, whether this step is in the window, and what
+    the layer calls in the window were: left whole as tiles or windows, downsampled."""
 
     def __init__(self, clock: Any, start: float, end: float) -> None:
         self.clock, self.start, self.end = clock, start, end
         self.size: tuple[int, int] | None = None
         self.batch = 0
         self.active = False
+        self.seen = self.tiled = self.downsampled = 0
+
+    def idle(self) -> str | None:
+        """After the pass: why no layer call was downsampled (None when one was, or none came)."""
+        if self.downsampled or not self.seen:
+            return None
+        if self.tiled == self.seen:
+            return "every self-attention call it would downsample was cut into tiles or windows (HyperTile, MSW-MSA)"
+        return "no self-attention call of this pass had a depth and size it downsamples"
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         x = args[0] if args else kwargs.get("x")
@@ -132,16 +144,18 @@ class _CallState:
         self.active = self.clock.in_window(self.start, self.end)
 
 
-def _has_context(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    return any(a is not None for a in args[:1]) or any(kwargs.get(k) is not None for k in ("context", "value"))
-
-
 def _downsampled_forward(inner: Callable[..., Any], state: _CallState, factor: float, max_down: int,
                          method: str) -> Callable[..., Any]:
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not state.active or state.size is None or x.ndim != 3:
+            return inner(x, *args, **kwargs)
+        state.seen += 1
         # only plain self-attention on the UNet call's own rows: tiles or windows another technique
         # moved into the batch (HyperTile, MSW-MSA) and merged tokens (ToMe) are left whole
-        if not state.active or state.size is None or x.ndim != 3 or x.shape[0] != state.batch or _has_context(args, kwargs):
+        if x.shape[0] != state.batch:
+            state.tiled += 1
+            return inner(x, *args, **kwargs)
+        if not plain_self_attention(args, kwargs):
             return inner(x, *args, **kwargs)
         height, width = state.size
         if layer_downsample(height, width, x.shape[1]) > max_down:
@@ -153,6 +167,7 @@ def _downsampled_forward(inner: Callable[..., Any], state: _CallState, factor: f
         if size == grid:
             return inner(x, *args, **kwargs)
         context = downsample_tokens(x, *grid, size, method)
+        state.downsampled += 1
         if args:
             return inner(x, context, *args[1:], **kwargs)
         return inner(x, **{**kwargs, "context": context})
@@ -173,8 +188,9 @@ def idle(values: dict[str, Any], umap: Any, where: Any) -> str | None:
     factor = max(pass_factor(values, h) for h in ((clock.hires,) if clock is not None else (False, True)))
     if factor <= 1:
         return f"factor {factor:g} downsamples nothing"
-    if clock is not None and not clock.window_steps(values["start"], values["end"]):
-        return f"the start/end window covers no step of this {clock.total_steps}-step pass"
+    window = covers_no_step(clock, lambda c: c.window_steps(values["start"], values["end"]))
+    if window is not None:
+        return window
     if umap is not None:
         max_depth = resolve_max_depth(values["max_depth"], umap.family)
         if not umap.self_attention(max_level=max_depth - 1):
@@ -191,6 +207,7 @@ def apply(ctx: Any, values: dict[str, Any]) -> None:
     layers = ctx.map.self_attention(max_level=max_depth - 1)
     state = _CallState(ctx.clock, values["start"], values["end"])
     ctx.patcher.add_handle(ctx.unet.register_forward_pre_hook(state, with_kwargs=True), ctx.technique)
+    ctx.idle_after(state.idle)
     for layer in layers:
         module = layer.module
         forward = _downsampled_forward(current_forward(module), state, factor, 2 ** (max_depth - 1), values["method"])

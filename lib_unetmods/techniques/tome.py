@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from ..clock import covers_no_step
 from ..families import ByFamily, is_sdxl
 from ..params import NOT_THIS_PASS, Param, TechniqueSpec
 from ..patcher import current_forward
@@ -290,9 +291,7 @@ def idle(values: dict[str, Any], umap: Any, where: Any) -> str | None:
         return NOT_THIS_PASS  # ratio 0: ToMe is off in this pass by choice, nothing to say
     if not any(values[flag] for flag, _ in SITES):
         return "attention, cross-attention and MLP merging are all off"
-    if clock is not None and not clock.window_steps(values["start"], values["end"]):
-        return f"its start/end window covers no step of this {clock.total_steps}-step pass"
-    return None
+    return covers_no_step(clock, lambda c: c.window_steps(values["start"], values["end"]), "its start/end window")
 
 
 def apply(ctx: Any, values: dict[str, Any]) -> None:

@@ -12,13 +12,18 @@ backend/sampling/sampling_function.py; read, not copied).
   Linear layers that are not `nn.Linear`. The transformer internals stay ldm's.
 - `UnetPatcher`: model_options with the one `model_function_wrapper` slot, block modifiers,
   input/output block patches (`set_model_input_block_patch[_after_skip]`, `set_model_output_block_patch`), post-CFG functions; `clone()` deep-copies model_options as Forge's does.
-- `sample()`: Forge's batch layout: the uncond chunk before the cond chunk in one call, or one
-  call per chunk (`split`); `layout="cfg1"` (CFG scale 1: cond rows only) and `layout="and"` (an
-  AND-prompt: one chunk per cond, `cond_or_uncond` [1, 0, 0]) and `layout="area"` (an area prompt:
-  its cond runs in its own call on input_x cropped to the area), each with `transformer_options` carrying `cond_or_uncond`,
-  `cond_indices`, `uncond_indices`, `sigmas`; `KModel.apply_model` scaling (the UNet output is
-  turned into the denoised latent) and CFG on the denoised latents; the clock is advanced per step
-  and given no batch layout (Forge's cfg-denoiser callback sees the undoubled x).
+- `sample()`: Forge's batch layout: its to-run list (the conds, then the uncond) popped from the
+  end, all chunks that concatenate in one call (uncond first) or one call per chunk (`split`);
+  `layout="cfg1"` (CFG scale 1: cond rows only), `layout="and"` (an AND-prompt: one chunk per cond,
+  `cond_or_uncond` [1, 0, 0], the second part first) and `layout="area"` (an area prompt: its cond
+  runs in its own call on input_x cropped to the area), each with `transformer_options` carrying
+  `cond_or_uncond`, `cond_indices`, `uncond_indices`, `sigmas`; `KModel.apply_model` scaling (the
+  UNet output is turned into the denoised latent); the conds averaged by weight and CFG scaled by the
+  weights' sum (`edit_strength`), on the denoised latents; any sigma schedule. Per evaluation the
+  clock gets the step, the sigma and the rows the extension's glue reads from Forge's cfg-denoiser
+  callback (`forge_call.evaluation`: the prompts' AND parts, not the area cond).
+- `KModel.percent_to_sigma`: the predictor's window edge (backend/modules/k_prediction.py), which
+  Forge's built-in Kohya HRFix compares each call's `sigmas[0]` with.
 """
 from __future__ import annotations
 
@@ -31,7 +36,9 @@ import torch.nn.functional as F
 
 from ldm.modules.diffusionmodules.util import timestep_embedding
 from lib_unetmods.clock import StepClock
+from lib_unetmods.forge_call import evaluation
 from lib_unetmods.lab.sampler import sd_sigmas, sigma_to_t
+from lib_unetmods.schedules import TRAIN_SIGMAS
 
 COND, UNCOND = 0, 1
 AND_COND = 2  # the stand-in's second cond of an AND-prompt (Forge marks it 0, like every cond)
@@ -174,6 +181,19 @@ class KModel(nn.Module):
     def __init__(self, diffusion_model: nn.Module) -> None:
         super().__init__()
         self.diffusion_model = diffusion_model
+        self.log_sigmas = TRAIN_SIGMAS.log().float()  # the predictor's buffer: float64 logs kept as float32
+
+    def percent_to_sigma(self, percent: float) -> float:
+        """0 -> a huge sigma, 1 -> 0, else the sigma at timestep (1 - percent) * 999, its log
+        interpolated between the two training timesteps around it, in float32."""
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        t = torch.tensor((1.0 - percent) * 999.0)
+        w = t.frac()
+        low, high = self.log_sigmas[t.floor().long()], self.log_sigmas[t.ceil().long()]
+        return ((1 - w) * low + w * high).exp().item()
 
     def apply_model(self, x: torch.Tensor, sigma: torch.Tensor, c_crossattn: torch.Tensor, control: Any = None,
                     transformer_options: dict[str, Any] = {}, **extra: Any) -> torch.Tensor:
@@ -226,27 +246,37 @@ def _indices(cond_or_uncond: list[int], rows: int) -> tuple[list[int], list[int]
     return cond, uncond
 
 
+def _conds(layout: str) -> list[int]:
+    """The conds of the stand-in's prompt, in Forge's to-run order."""
+    return [COND] + ([AND_COND] if layout == "and" else []) + ([AREA_COND] if layout == "area" else [])
+
+
+def _batches(to_run: list[int], split: bool) -> list[list[int]]:
+    """Forge's loop over its to-run list: the chunks that concatenate with the first one left (the
+    area chunk has another input shape), taken from the end of the list: all of them, or one per
+    call when memory is short (`split`)."""
+    batches = []
+    while to_run:
+        same = [k for k in reversed(to_run) if (k == AREA_COND) == (to_run[0] == AREA_COND)]
+        batch = same[:1] if split else same
+        batches.append(batch)
+        to_run = [k for k in to_run if k not in batch]
+    return batches
+
+
 def calc_cond_uncond_batch(patcher: UnetPatcher, cond: torch.Tensor, uncond: torch.Tensor, x: torch.Tensor,
                            sigma: torch.Tensor, split: bool, control: Callable[..., Any] | None,
                            y: torch.Tensor | None = None, y_uncond: torch.Tensor | None = None,
                            layout: str = "cfg") -> tuple[torch.Tensor, torch.Tensor]:
-    """One model evaluation of a step: chunks run uncond first (Forge reverses its to-run list).
-    layout "cfg1": at CFG scale 1 Forge drops the uncond chunk, calls hold cond rows only (the
-    uncond prediction is then unused). "and": an AND-prompt, each cond its own chunk, packed in one
-    call (`cond_or_uncond` [1, 0, 0]); the conds' predictions are averaged (equal weights)."""
+    """One model evaluation of a step: (the conds averaged where they cover, the uncond). layout
+    "cfg1": at CFG scale 1 Forge drops the uncond chunk, calls hold cond rows only (the uncond
+    prediction is then 0). "and": an AND-prompt, one chunk per cond. "area": a cond on the top-left
+    quarter."""
     model, options = patcher.model, patcher.model_options
     chunks = {COND: (cond, y), UNCOND: (uncond, y if y_uncond is None else y_uncond), AND_COND: (cond.flip(1), y),
               AREA_COND: (cond.flip(1), y)}
-    if layout == "area":  # an area prompt: its chunk has another input shape, so it runs in its own call
-        batches = [[UNCOND, COND], [AREA_COND]]
-    elif layout == "cfg1":
-        batches = [[COND]]
-    elif layout == "and":
-        batches = [[UNCOND], [COND], [AND_COND]] if split else [[UNCOND, COND, AND_COND]]
-    else:
-        batches = [[UNCOND], [COND]] if split else [[UNCOND, COND]]
     out: dict[int, torch.Tensor] = {}
-    for chunk_ids in batches:
+    for chunk_ids in _batches(_conds(layout) + ([] if layout == "cfg1" else [UNCOND]), split):
         cond_or_uncond = [UNCOND if k == UNCOND else COND for k in chunk_ids]
         n = len(cond_or_uncond)
         area = chunk_ids == [AREA_COND]
@@ -268,31 +298,34 @@ def calc_cond_uncond_batch(patcher: UnetPatcher, cond: torch.Tensor, uncond: tor
             output = model.apply_model(input_x, timestep, **c)
         for k, o in zip(chunk_ids, output.chunk(n)):
             out[k] = o
-    if layout == "and":
-        out[COND] = (out[COND] + out[AND_COND]) / 2
-    if layout == "area":  # the area's prediction averaged in where it covers (Forge: out_cond += o * mult; / counts)
-        h, w = out[AREA_COND].shape[-2:]
-        out[COND] = out[COND].clone()
-        out[COND][..., :h, :w] = (out[COND][..., :h, :w] + out[AREA_COND]) / 2
-    return out[COND], out.get(UNCOND, out[COND])
+    total, count = torch.zeros_like(x), torch.zeros_like(x)  # Forge: out_cond += o * mult; / counts
+    for k in _conds(layout):
+        h, w = out[k].shape[-2:]
+        total[..., :h, :w] += out[k]
+        count[..., :h, :w] += 1
+    return total / count, out.get(UNCOND, torch.zeros_like(x))
 
 
 @torch.no_grad()
 def sample(patcher: UnetPatcher, noise: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, steps: int,
            clock: StepClock, cfg_scale: float = 7.0, split: bool = False, control: Callable[..., Any] | None = None,
-           y: torch.Tensor | None = None, y_uncond: torch.Tensor | None = None, layout: str = "cfg") -> torch.Tensor:
-    """Euler with CFG on denoised latents; the same update as lib_unetmods.lab.sampler.euler_sample."""
-    sigmas = sd_sigmas(steps).to(noise.device)
+           y: torch.Tensor | None = None, y_uncond: torch.Tensor | None = None, layout: str = "cfg",
+           sigmas: torch.Tensor | None = None) -> torch.Tensor:
+    """Euler with CFG on denoised latents; the same update as lib_unetmods.lab.sampler.euler_sample.
+    `sigmas`: the schedule (steps + 1 values, the last 0); default evenly spaced timesteps."""
+    sigmas = (sd_sigmas(steps) if sigmas is None else sigmas).to(noise.device)
     x = noise * sigmas[0]
-    clock.set_layout(None, None)
+    if layout == "cfg1":
+        cfg_scale = 1.0
+    parts = len(_conds(layout)) - (layout == "area")  # the glue sees the prompt's AND parts, not an area
+    strength = len(_conds(layout))  # Forge's edit_strength: the sum of every cond's strength
     for i in range(steps):
         sigma = float(sigmas[i])
         clock.begin_step(i, sigma)
+        clock.evaluate(evaluation([[1.0] * parts] * noise.shape[0], cfg_scale, x))
         s = torch.full((noise.shape[0],), sigma, device=noise.device)
-        if layout == "cfg1":
-            cfg_scale = 1.0
         cond_pred, uncond_pred = calc_cond_uncond_batch(patcher, cond, uncond, x, s, split, control, y, y_uncond, layout)
-        denoised = uncond_pred + (cond_pred - uncond_pred) * cfg_scale
+        denoised = uncond_pred + (cond_pred - uncond_pred) * cfg_scale * strength
         for fn in patcher.model_options.get("sampler_post_cfg_function", []):
             denoised = fn({"denoised": denoised, "cond_denoised": cond_pred, "uncond_denoised": uncond_pred,
                            "model": patcher.model, "sigma": s, "input": x, "model_options": patcher.model_options})
