@@ -109,10 +109,10 @@ class Applied:
 def apply_mods(unet: nn.Module, settings: Settings, clock: StepClock, *, seed: int = 0,
                latent_shape: tuple[int, ...] | None = None, vae: nn.Module | None = None,
                prediction: str = "eps", hires_planned: bool = False,
-               base_shape: tuple[int, ...] | None = None, cfg_scale: float | None = None) -> Applied:
+               base_shape: tuple[int, ...] | None = None) -> Applied:
     """Install the enabled techniques for one sampling pass. Call clock.start() for the pass
-    first. With nothing enabled, nothing at all is installed on the model. (`cfg_scale` is not
-    used: each evaluation's rows carry the host's CFG scale, rows.py; the quality lab still passes it.)"""
+    first. With nothing enabled, nothing at all is installed on the model. (The CFG scale comes
+    with each evaluation's rows, rows.py.)"""
     messages = ["removed a leftover patch from an earlier run"] if restore_model(unet) else []
     if not settings.enabled_ids():
         return Applied(None, messages)

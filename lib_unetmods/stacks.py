@@ -11,11 +11,10 @@ the full-resolution self-attention at every step; RAU-Net shrinks the deep featu
 steps above the native size, which also keeps large images free of duplicated subjects).
 DeepCache's level 0 stays above RAU-Net's first resized block, so no rule touches either.
 HyperTile or ToMe would clash with MSW-MSA on the same self-attention layers.
-DeepCache runs one full step in three, uniform, on every family. The quality lab chose it
-(README, "Quality lab"): on the trained proxy at 20 steps, the stack with SD1.5's former one in
-four, non-uniform, moved the image 0.0063 from HiDiffusion alone, one in three 0.0051 (HiDiffusion
-at half the steps: 0.0021). SDXL's reference demo runs one in three; SD2.1 was reported to distort
-at longer intervals (horseee/DeepCache#27).
+DeepCache runs one full step in three, uniform, on every family, as the reference's SDXL demo
+does; SD2.1 was reported to distort at longer intervals (horseee/DeepCache#27). The quality lab
+kept it (README, "Quality lab"): at 2x on both lab models the stack moves HiDiffusion's picture
+about as much as halving the steps does, and one in four moves the SDXL-layout model's twice as much.
 """
 from __future__ import annotations
 

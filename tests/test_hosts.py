@@ -110,7 +110,7 @@ def run(host: str, arch: str, text: str, control_scale: float = 0.0, control_act
         cn = ControlNetHook(base, scale=control_scale, active=control_active, adapter=adapter)
         cn.hook()
     applied = apply_mods(unet, Settings.from_text(text, strict=True) if text else Settings(), clock, seed=5,
-                         latent_shape=(1, 4, *size), cfg_scale=7.0)  # the samplers' CFG scale (PAG on split calls)
+                         latent_shape=(1, 4, *size))
     try:
         if patcher is not None:
             control = None

@@ -154,13 +154,14 @@ def test_rows_are_declared_consistently():
 def test_select_filters_by_group_scale_and_text():
     default = rows.select(ROWS)
     assert default and all(r.group == rows.DEFAULT for r in default)
-    assert len(rows.select(ROWS, all_rows=True)) == len(ROWS)
+    assert len(rows.select(ROWS, (rows.DEFAULT, rows.ALL))) == len(ROWS)
+    assert all(r.group == rows.ALL for r in rows.select(ROWS, (rows.ALL,)))
     two = rows.select(ROWS, scales={2}, only="Deep Shrink", exclude="auto")
     assert two and all(r.scale == 2 and "Deep Shrink" in r.label and "auto" not in r.label for r in two)
 
 
 def _record(model: str, label: str, scale, one: float, distance=None, reference="plain"):
-    return {"model": model, "label": label, "mods": label.lower(), "scale": scale, "steps": 10, "cfg": 3.0,
+    return {"model": model, "label": label, "mods": label.lower(), "scale": scale, "steps": 10, "run_steps": 10, "cfg": 3.0,
             "seeds": 64, "one_object": one, "one_object_ci": [one - 0.1, min(1.0, one + 0.05)], "mean_count": 1.0,
             "position_ok": one, "position_ok_ci": [0, 1], "colour_ok": 1.0, "colour_ok_ci": [0, 1], "shape_ok": 0.5,
             "shape_ok_ci": [0, 1], "reference": reference, "distance": distance, "distance_ci": None,

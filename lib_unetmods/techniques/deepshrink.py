@@ -82,9 +82,7 @@ SPEC = TechniqueSpec(
               "Also shrink in the hires-fix second pass, on that pass's steps (off: first pass only)."),
     ),
     presets=PRESETS,
-    # the quality lab's proxy keeps its composition in its first level (its deeper blocks carry
-    # almost nothing): shrinking after block 1 is what stops its repeated objects (README, "Quality lab")
-    recommended={"default": PRESETS["comfy"], "sdxl": PRESETS["sdxl"], "proxy": {**PRESETS["comfy"], "block": 1}},
+    recommended={"default": PRESETS["comfy"], "sdxl": PRESETS["sdxl"]},
 )
 
 

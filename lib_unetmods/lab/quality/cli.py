@@ -25,7 +25,7 @@ from ...families import PROXY, PROXY_XL
 from ..progress import fmt_time
 from ..random_unets import sdpa_attention
 from . import models, output
-from .rows import ALL, ROWS, SCALES, select
+from .rows import ALL, DEFAULT, ROWS, SCALES, select
 from .run import SEEDS, expected_seconds, run, scale_label
 from .sampling import CFG, STEPS, Lab
 
@@ -35,6 +35,7 @@ LAB_MODELS = (PROXY, PROXY_XL)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m lib_unetmods.quality", description=__doc__.split("\n\n")[0])
     ap.add_argument("--all", action="store_true", help="also the rows that settle settings, and second settings")
+    ap.add_argument("--extra", action="store_true", help="only the rows --all adds")
     ap.add_argument("--only", default="", help="only rows whose label or settings contain one of these comma-separated texts")
     ap.add_argument("--exclude", default="", help="leave out rows whose label contains one of these comma-separated texts")
     ap.add_argument("--scales", default="", help="comma-separated scales to run (1,2,3,hires)")
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             output.replace_readme_table(args.readme, text)
         print(text)
         return 0
-    rows = select(ROWS, args.all, args.scale_set, args.only, args.exclude)
+    groups = (ALL,) if args.extra else (DEFAULT, ALL) if args.all else (DEFAULT,)
+    rows = select(ROWS, groups, args.scale_set, args.only, args.exclude)
     if args.list:
         for r in rows:
             print(f"{scale_label(r.scale):>5}  {r.label:<48} {'(--all) ' if r.group == ALL else ''}{r.decides}")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from ...families import FAMILIES, layout, title
 from .rows import ROWS, SCALES
 from .run import scale_label
+from .sampling import STEPS
 
 README_START = "<!-- quality-table: written by `python -m lib_unetmods.quality --combine ... --readme README.md` -->"
 README_END = "<!-- quality-table end -->"
@@ -35,8 +36,14 @@ def speed_text(r: dict[str, Any]) -> str:
     return f"{r['speedup']:.2f}x ({lo:.2f}-{hi:.2f})"
 
 
-def row_key(r: dict[str, Any]) -> tuple[str, str]:
-    return str(r["scale"]), r["label"]
+def row_key(r: dict[str, Any]) -> tuple[str, str, int]:
+    """A row of the table: its scale, label and the run's step count (a run at --steps 20 is its own row)."""
+    return str(r["scale"]), r["label"], r["run_steps"]
+
+
+def where(r: dict[str, Any]) -> str:
+    """"2x", or "1x, 20 steps" for a run at other than the lab's default steps."""
+    return scale_label(_scale(r["scale"])) + ("" if r["run_steps"] == STEPS else f", {r['run_steps']} steps")
 
 
 def model_name(model: str) -> str:
@@ -70,7 +77,7 @@ def table(records: list[dict[str, Any]]) -> str:
         reference = first["reference"] if first["distance"] is not None and first["reference"] != "plain" else ""
         if reference:
             cells[4] += f" (to {reference})"
-        lines.append(f"| {scale_label(_scale(first['scale']))} | {first['label']} | {' / '.join(f'`{s}`' for s in settings)} | "
+        lines.append(f"| {where(first)} | {first['label']} | {' / '.join(f'`{s}`' for s in settings)} | "
                      + " | ".join(cells) + " |")
     return "\n".join(head + lines)
 
@@ -109,7 +116,7 @@ def draw_chart(records: list[dict[str, Any]], path: str) -> None:
         axes[0].barh(ys, one, height, xerr=err, color=colours[m_index % 3], label=name)
         axes[1].barh(ys, place, height, color=colours[m_index % 3], label=name)
         axes[2].barh(ys, dist, height, color=colours[m_index % 3], label=name)
-    labels = [f"{scale_label(_scale(s))} {label}" for s, label in keys]
+    labels = [f"{where(by[(key, next(m for m in models if (key, m) in by))])} {key[1]}" for key in keys]
     axes[0].set_yticks(range(len(keys))[::-1], labels, fontsize=8)
     axes[0].set_xlim(0, 100)
     axes[0].set_xlabel("exactly one object (%)")
@@ -159,7 +166,8 @@ def load_records(dirs: list[str]) -> list[dict[str, Any]]:
                 r = json.loads(line)
                 latest[(*row_key(r), r["model"])] = r
     declared = {(str(r.scale), r.label): i for i, r in enumerate(ROWS)}
-    return sorted(latest.values(), key=lambda r: (SCALES.index(_scale(r["scale"])), declared.get(row_key(r), len(declared))))
+    return sorted(latest.values(), key=lambda r: (r["run_steps"] != STEPS, SCALES.index(_scale(r["scale"])),
+                                                  declared.get(row_key(r)[:2], len(declared))))
 
 
 def write_records(records: list[dict[str, Any]], out: str) -> None:

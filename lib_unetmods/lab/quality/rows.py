@@ -50,9 +50,9 @@ PLAIN: dict[Scale, Row] = {scale: _plain(scale) for scale in SCALES}
 PLAIN_CFG = {cfg: _plain(1, cfg, ALL) for cfg in (1.0, 5.0)}
 HIDIFFUSION_2X = Row("HiDiffusion", "hidiffusion", 2, decides="2x: HiDiffusion at its defaults")
 HIDIFFUSION_1X_20 = Row("HiDiffusion", "hidiffusion", 1, group=ALL)
-# The deepest level's input block: Deep Shrink there, for every step, changes the deepest level only.
-LAST_DOWN = {"sd1": 9, "sdxl": 6}
-DEEP_PATH = "deep path: Deep Shrink after the last input level"
+# Deep Shrink after block 6, for every step, runs the levels from the last one with attention down
+# (level 2 in both layouts; SD1's level 3 is 2x2 at the lab's size) at half size and changes nothing else.
+DEEP_PATH = "deep path: Deep Shrink after block 6"
 # PAG's layer: its default (the middle block), the deepest output level's first attention block,
 # the last attention block (the first lab model's choice: its middle block did nothing)
 PAG_LAYERS: tuple[tuple[str, Union[str, Mapping[str, str]]], ...] = (
@@ -72,8 +72,7 @@ def _rows() -> list[Row]:
         # the yardstick of every distance at 1x, and the deep-path rows: does the model use the
         # part the deep-path techniques change?
         Row("plain, half the steps", "none", 1, half_steps=True),
-        Row(DEEP_PATH, {k: f"deepshrink block={v} end=1" for k, v in LAST_DOWN.items()}, 1,
-            decides="whether the model uses its deep path (at least 0.01)"),
+        Row(DEEP_PATH, "deepshrink block=6 end=1", 1, decides="whether the model uses its deep path (at least 0.01)"),
         Row("deep path: middle block removed", "none", 1, probe="no middle block",
             decides="whether the middle block (PAG's default layer) matters"),
         # each technique at its defaults at the training size
@@ -151,15 +150,15 @@ def _sweeps() -> list[Row]:
 ROWS: list[Row] = _rows()
 
 
-def select(rows: list[Row], all_rows: bool = False, scales: set[Scale] | None = None, only: str = "",
+def select(rows: list[Row], groups: tuple[str, ...] = (DEFAULT,), scales: set[Scale] | None = None, only: str = "",
            exclude: str = "") -> list[Row]:
-    """The rows a run asks for: the default group (or all), at the given scales, whose label or
-    settings contain one of `only`'s comma-separated texts and whose label contains none of `exclude`'s."""
+    """The rows a run asks for: those of `groups`, at the given scales, whose label or settings
+    contain one of `only`'s comma-separated texts and whose label contains none of `exclude`'s."""
     wanted = [o for o in only.split(",") if o]
     unwanted = [e for e in exclude.split(",") if e]
 
     def text(row: Row) -> str:
         return row.label + " " + (row.mods if isinstance(row.mods, str) else " ".join(row.mods.values()))
 
-    return [r for r in rows if (all_rows or r.group == DEFAULT) and (not scales or r.scale in scales)
+    return [r for r in rows if r.group in groups and (not scales or r.scale in scales)
             and (not wanted or any(o in text(r) for o in wanted)) and not any(e in r.label for e in unwanted)]

@@ -51,7 +51,7 @@ def record(lab: Lab, result: Result, plain: Result, reference: Result, seeds: in
     images = torch.cat(result.images)
     out: dict[str, Any] = {
         "model": lab.family, "label": row.label, "mods": row.describe(lab.family), "scale": row.scale,
-        "steps": lab.steps_of(row), "cfg": lab.cfg if row.cfg is None else row.cfg,
+        "steps": lab.steps_of(row), "run_steps": lab.steps, "cfg": lab.cfg if row.cfg is None else row.cfg,
         **stats.scored(score_batch(images), seed_classes(range(seeds))),
         "reference": reference.row.label, "distance": None, "distance_ci": None,
         "speedup": None, "speedup_range": None, "cpu_seconds": sum(result.cpu_seconds),

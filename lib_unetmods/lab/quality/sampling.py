@@ -78,8 +78,7 @@ class Lab:
         clock = StepClock()
         clock.start(steps if init is None else max(1, round(steps * HIRES_DENOISE)), hires=init is not None)
         applied = apply_mods(self.model.unet, settings, clock, seed=seeds[0], latent_shape=tuple(noise.shape),
-                             prediction=self.config.prediction, hires_planned=hires_planned, base_shape=base_shape,
-                             cfg_scale=cfg)
+                             prediction=self.config.prediction, hires_planned=hires_planned, base_shape=base_shape)
         messages.update(applied.messages)
         try:
             return euler_sample(self.model.unet, noise, cond, uncond, steps, clock, cfg_scale=cfg, y=self.model.y(cond),

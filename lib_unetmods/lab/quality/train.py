@@ -20,12 +20,15 @@ import time
 import torch
 
 from ..progress import fmt_time
-from ...families import PROXY
+from ...families import PROXY, PROXY_XL
 from .models import UNETS, WEIGHTS, Proxy, ProxyConfig, save, to_latent
 from ..random_unets import sdpa_attention
 from ...schedules import TRAIN_ALPHAS_CUMPROD
 from ...unet_map import map_unet
 from .shapes import COLOURS, POSITIONS, SHAPES, make_batch
+
+
+SWAP_PROMPT_LEVELS = {PROXY: 2, PROXY_XL: 0}  # see SkipSwap
 
 
 def v_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,24 +56,32 @@ class SkipSwap:
     layout in its deep path (what Deep Shrink, FreeU's backbone factors, PAG on the middle block
     and DeepCache rely on). Zeroed skips were tried first: the decoder learned to tell them apart
     and ignored the deep path whenever real skips came (the SD1-layout model's picture moved by
-    4e-5 with the middle block's output zeroed); a swapped skip looks like any other."""
+    4e-5 with the middle block's output zeroed); a swapped skip looks like any other.
 
-    def __init__(self, unet: torch.nn.Module) -> None:
+    With `prompt_levels` > 0 the decoder's blocks at levels below it also get the other image's
+    prompt: the SD1-layout model, whose first two levels have attention of their own, otherwise
+    learned to redraw the layout there from the prompt and ignore the deep path all the same."""
+
+    def __init__(self, unet: torch.nn.Module, prompt_levels: int = 0) -> None:
         umap = map_unet(unet)
         self.rows: torch.Tensor | None = None
-        self.handles = [block.module.register_forward_pre_hook(self._hook(h_channels))
+        self.handles = [block.module.register_forward_pre_hook(self._hook(h_channels, block.level_out < prompt_levels))
                         for block, h_channels in zip(umap.outputs, umap.h_channels)]
 
-    def _hook(self, h_channels: int):  # type: ignore[no-untyped-def]
+    def _hook(self, h_channels: int, prompt: bool):  # type: ignore[no-untyped-def]
         def hook(module: torch.nn.Module, args: tuple) -> tuple | None:
             if self.rows is None or not bool(self.rows.any()):
                 return None
-            x = args[0]
+            x, emb, context = args
             h, skip = x[:, :h_channels], x[:, h_channels:]
-            donor = skip.roll(1, dims=0)  # row i gets row i-1's skip: another image, another noise level
-            skip = torch.where(self.rows[:, None, None, None], donor, skip)
-            return (torch.cat([h, skip], dim=1), *args[1:])
+            skip = swap(skip, self.rows)
+            return torch.cat([h, skip], dim=1), emb, swap(context, self.rows) if prompt else context
         return hook
+
+
+def swap(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Row i of `rows` gets row i-1's value: another image (at another noise level)."""
+    return torch.where(rows.view(-1, *[1] * (x.ndim - 1)), x.roll(1, dims=0), x)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -79,7 +90,7 @@ def train(args: argparse.Namespace) -> None:
     data = torch.Generator().manual_seed(args.seed + 1)
     model = Proxy(ProxyConfig.of(args.model))
     ema = copy.deepcopy(model).requires_grad_(False)
-    skip_swap = SkipSwap(model.unet)
+    skip_swap = SkipSwap(model.unet, args.swap_prompt_levels)
     config = model.config
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     alphas = TRAIN_ALPHAS_CUMPROD.float()
@@ -126,7 +137,8 @@ def train(args: argparse.Namespace) -> None:
             if done % args.save_every == 0 or done == args.steps:
                 meta = {"training": {"steps": done, "planned_steps": args.steps, "batch": args.batch, "lr": args.lr,
                                      "warmup": args.warmup, "ema": args.ema, "uncond": args.uncond,
-                                     "skip_swap": args.skip_swap, "skip_swap_from": args.skip_swap_from, "seed": args.seed,
+                                     "skip_swap": args.skip_swap, "skip_swap_from": args.skip_swap_from,
+                                     "swap_prompt_levels": args.swap_prompt_levels, "seed": args.seed,
                                      "threads": args.threads, "seconds": round(time.monotonic() - started),
                                      "final_loss": curve[-1][1] if curve else None, "loss_curve": curve}}
                 save(ema, args.out, meta)
@@ -146,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-swap", type=float, default=0.7,
                     help="share of the noisiest rows trained with every skip from another image (default: 0.7)")
     ap.add_argument("--skip-swap-from", type=int, default=500, help="rows at this timestep or above are the noisiest (default: 500)")
+    ap.add_argument("--swap-prompt-levels", type=int, default=None,
+                    help="the decoder's blocks below this level also get the other image's prompt in swapped rows "
+                         "(default: 2 for proxy, 0 for proxy_xl)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the weights and the data (default: 0)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     ap.add_argument("--log-every", type=int, default=50, help="print the mean loss every N steps (default: 50)")
@@ -153,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="", help="weights file (default: the shipped one of --model, in lab/weights/)")
     args = ap.parse_args(argv)
     args.out = args.out or WEIGHTS[args.model]
+    if args.swap_prompt_levels is None:
+        args.swap_prompt_levels = SWAP_PROMPT_LEVELS[args.model]
     train(args)
     return 0
 
