@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     ap.add_argument("--log-every", type=int, default=50, help="print the mean loss every N steps (default: 50)")
     ap.add_argument("--save-every", type=int, default=250, help="write the weights every N steps (default: 250)")
-    ap.add_argument("--out", default="", help="weights file (default: the shipped one of --model, in lab/weights/)")
+    ap.add_argument("--out", default="", help="weights file (default: the shipped one of --model, in lab/quality/weights/)")
     args = ap.parse_args(argv)
     args.out = args.out or WEIGHTS[args.model]
     if args.swap_prompt_levels is None:
